@@ -1,0 +1,21 @@
+"""AdaLoRA (adaptive-rank LoRA) for Keras 3 on TensorFlow, JAX and PyTorch."""
+
+from keras_adalora.apply import apply_adalora
+from keras_adalora.export import compact_adalora
+from keras_adalora.export import get_rank_pattern
+from keras_adalora.export import merge_adalora
+from keras_adalora.layers import AdaLoRADense
+from keras_adalora.layers import AdaLoRAEinsumDense
+from keras_adalora.layers import AdaLoRAEmbedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLoRADense",
+    "AdaLoRAEinsumDense",
+    "AdaLoRAEmbedding",
+    "apply_adalora",
+    "compact_adalora",
+    "get_rank_pattern",
+    "merge_adalora",
+]

@@ -1,0 +1,507 @@
+"""The AdaLoRA adapter, written once and shared by every adapted layer kind.
+
+An adapted layer keeps its pretrained kernel `W` frozen and adds
+
+    delta_W = (alpha / init_rank) * A @ diag(lam * rank_mask) @ B
+
+with `A (d_in, r)`, `lam (r,)`, `B (r, d_out)` trainable and `rank_mask (r,)`
+a 0/1 vector that the rank allocator writes (SPEC.md section 2). The layer
+kinds differ only in how their kernel reads as a `(d_in, d_out)` matrix and
+how an input reaches `A`; `AdaLoRAAdapter` holds everything else: the
+variables, the forward term, the orthogonality penalty, the merged kernel,
+compaction and (de)serialization of the weights.
+"""
+
+import math
+
+import numpy as np
+from keras import backend
+from keras import initializers
+from keras import layers
+from keras import ops
+
+from keras_adalora.regularizers import orthogonality_penalty
+
+# Adapter weights are stored and computed in float32 whatever the layer's
+# dtype policy: importance scores and tiny singular values do not survive
+# bfloat16 (same choice as Keras's built-in LoRA).
+ADAPTER_DTYPE = "float32"
+
+A_NAME = "adalora_A"
+LAM_NAME = "adalora_lam"
+B_NAME = "adalora_B"
+MASK_NAME = "rank_mask"
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    if value < 1:
+        raise ValueError(
+            f"`{name}` must be at least 1. Received: {name}={value}"
+        )
+    return int(value)
+
+
+def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
+    """Checks the adapter hyperparameters; returns them normalised.
+
+    Raises:
+        ValueError: naming the argument, for a non-integer or non-positive
+            `init_rank`, a non-positive `alpha`, a `dropout` outside
+            `[0, 1)` or a negative `orth_reg_weight`.
+    """
+    init_rank = _check_positive_int(init_rank, "init_rank")
+    if alpha is None:
+        alpha = init_rank
+    if isinstance(alpha, bool) or not isinstance(
+        alpha, (int, float, np.number)
+    ):
+        raise ValueError(
+            f"`alpha` must be a positive number or None (None means "
+            f"alpha=init_rank, a scale of 1). Received: alpha={alpha!r}"
+        )
+    if not alpha > 0:
+        raise ValueError(
+            f"`alpha` must be positive. Received: alpha={alpha}"
+        )
+    if not isinstance(dropout, (int, float, np.number)) or not (
+        0 <= dropout < 1
+    ):
+        raise ValueError(
+            f"`dropout` must be a rate in [0, 1). Received: dropout={dropout!r}"
+        )
+    if not isinstance(orth_reg_weight, (int, float, np.number)) or not (
+        orth_reg_weight >= 0
+    ):
+        raise ValueError(
+            "`orth_reg_weight` must be a number >= 0 (0 disables the "
+            f"orthogonality penalty). Received: orth_reg_weight="
+            f"{orth_reg_weight!r}"
+        )
+    return init_rank, alpha, float(dropout), float(orth_reg_weight)
+
+
+class AdaLoRAAdapter:
+    """Mixin holding the AdaLoRA adapter of a layer with a frozen kernel.
+
+    A layer kind combines it with the Keras layer it adapts
+    (`class AdaLoRADense(AdaLoRAAdapter, keras.layers.Dense)`) and supplies:
+
+    - `_base_kernel_variable()`: the frozen kernel (or embedding table);
+    - `_base_weight_names()`: `(name, attribute)` pairs of the frozen weights,
+      in the order the plain Keras layer saves them;
+    - `_adapter_matrix_shape()`: `(d_in, d_out)` of the kernel as a matrix;
+    - `_kernel_from_matrix(matrix)`: reshape a `(d_in, d_out)` matrix into
+      the kernel's own shape;
+    - `_adapter_project_in(inputs, a)`: the inputs times `A`, shape `(..., r)`;
+    - `_adapter_project_out(h, b)`: `h` times `B`, in the layer's output shape.
+    """
+
+    # Configuration ---------------------------------------------------------
+
+    def _init_adapter(
+        self, init_rank, alpha, dropout, orth_reg_weight, adapter_rank=None
+    ):
+        init_rank, alpha, dropout, orth_reg_weight = validate_adapter_args(
+            init_rank, alpha, dropout, orth_reg_weight
+        )
+        if adapter_rank is None:
+            adapter_rank = init_rank
+        if (
+            isinstance(adapter_rank, bool)
+            or not isinstance(adapter_rank, (int, np.integer))
+            or not 0 <= adapter_rank <= init_rank
+        ):
+            raise ValueError(
+                "`adapter_rank` (the number of components the adapter "
+                "stores, smaller than `init_rank` only after "
+                "`compact_adalora`) must be an integer in [0, init_rank]. "
+                f"Received: adapter_rank={adapter_rank!r}, "
+                f"init_rank={init_rank}"
+            )
+        self.init_rank = init_rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.orth_reg_weight = orth_reg_weight
+        self.adapter_rank = int(adapter_rank)
+        self.adapter_dropout = (
+            layers.Dropout(dropout, name="adapter_dropout") if dropout else None
+        )
+
+    def _adapter_config(self):
+        return {
+            "init_rank": self.init_rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "orth_reg_weight": self.orth_reg_weight,
+            "adapter_rank": self.adapter_rank,
+        }
+
+    @property
+    def scale(self):
+        """The constant `alpha / init_rank` in front of the adapter."""
+        return self.alpha / self.init_rank
+
+    # Variables -------------------------------------------------------------
+
+    def _check_init_rank_fits(self):
+        d_in, d_out = self._adapter_matrix_shape()
+        if self.init_rank > min(d_in, d_out):
+            raise ValueError(
+                f"`init_rank`={self.init_rank} is too large for layer "
+                f"'{self.name}': its kernel reads as a {d_in} x {d_out} "
+                f"matrix, whose rank is at most {min(d_in, d_out)}. Pass "
+                f"init_rank <= {min(d_in, d_out)}."
+            )
+
+    def _freeze_base_weights(self):
+        """Makes the pretrained weights non-trainable for good.
+
+        Moving them to the non-trainable store (rather than only setting
+        `variable.trainable = False`) keeps them frozen when a user later sets
+        `model.trainable = True`: Keras's setter only flips the variables in
+        the trainable store.
+        """
+        for variable in self._base_weights():
+            _move_to_store(self, variable, trainable=False)
+
+    def _base_weights(self):
+        weights = []
+        for _, attribute in self._base_weight_names():
+            variable = getattr(self, attribute)
+            if variable is not None:
+                weights.append(variable)
+        return weights
+
+    def _build_adapter(self, initial_values=None):
+        """Creates `A`, `lam`, `B` and `rank_mask` at width `adapter_rank`.
+
+        Args:
+            initial_values: optional dict from weight name to an array, used
+                instead of the initialisers (compaction rebuilds this way).
+        """
+        self._check_init_rank_fits()
+        d_in, d_out = self._adapter_matrix_shape()
+        rank = self.adapter_rank
+        # SPEC.md section 2: A, B ~ N(0, 1/init_rank), lam = 0, all alive.
+        stddev = 1.0 / math.sqrt(self.init_rank)
+        specs = {
+            A_NAME: ((d_in, rank), initializers.RandomNormal(stddev=stddev)),
+            LAM_NAME: ((rank,), initializers.Zeros()),
+            B_NAME: ((rank, d_out), initializers.RandomNormal(stddev=stddev)),
+            MASK_NAME: ((rank,), initializers.Ones()),
+        }
+        created = {}
+        for name, (shape, initializer) in specs.items():
+            if initial_values is not None:
+                value = np.asarray(initial_values[name], dtype=ADAPTER_DTYPE)
+                initializer = _constant_initializer(value)
+            created[name] = self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=initializer,
+                dtype=ADAPTER_DTYPE,
+                trainable=name != MASK_NAME,
+                autocast=False,
+            )
+        self.adalora_a = created[A_NAME]
+        self.adalora_lam = created[LAM_NAME]
+        self.adalora_b = created[B_NAME]
+        self.rank_mask = created[MASK_NAME]
+
+    def _adapter_variables(self):
+        return {
+            A_NAME: self.adalora_a,
+            LAM_NAME: self.adalora_lam,
+            B_NAME: self.adalora_b,
+            MASK_NAME: self.rank_mask,
+        }
+
+    # Maths -----------------------------------------------------------------
+
+    def _component_scale(self):
+        """`(alpha / init_rank) * lam * rank_mask`: one factor per component."""
+        return self.scale * (self.adalora_lam * self.rank_mask)
+
+    def adapter_output(self, inputs, training=None):
+        """The adapter's term of the layer output, in the compute dtype.
+
+        Adds the orthogonality penalty to the layer's losses when training.
+        """
+        x = inputs
+        if backend.is_float_dtype(backend.standardize_dtype(x.dtype)):
+            x = ops.cast(x, ADAPTER_DTYPE)
+        if self.adapter_dropout is not None:
+            x = self.adapter_dropout(x, training=training)
+        h = self._adapter_project_in(x, self.adalora_a)
+        h = h * self._component_scale()
+        out = self._adapter_project_out(h, self.adalora_b)
+        if training and self.orth_reg_weight > 0:
+            self.add_loss(
+                self.orth_reg_weight
+                * orthogonality_penalty(self.adalora_a, self.adalora_b)
+            )
+        return ops.cast(out, self.compute_dtype)
+
+    def delta_matrix(self):
+        """`delta_W` as a float32 `(d_in, d_out)` matrix (SPEC.md section 2)."""
+        return ops.matmul(
+            self.adalora_a * self._component_scale(), self.adalora_b
+        )
+
+    def delta_kernel(self):
+        """`delta_W` in the shape of the layer's kernel, float32."""
+        return self._kernel_from_matrix(self.delta_matrix())
+
+    def merged_kernel(self):
+        """The frozen kernel plus `delta_W`, in the kernel's storage dtype."""
+        base = self._base_kernel_variable()
+        merged = ops.add(ops.cast(base, ADAPTER_DTYPE), self.delta_kernel())
+        return ops.cast(merged, base.dtype)
+
+    @property
+    def active_rank(self):
+        """Number of alive rank-1 components (the sum of `rank_mask`)."""
+        return int(round(float(ops.sum(self.rank_mask))))
+
+    def orthogonality_penalty(self):
+        """This layer's `||A^T A - I||_F^2 + ||B B^T - I||_F^2` (unweighted)."""
+        return orthogonality_penalty(self.adalora_a, self.adalora_b)
+
+    # Compaction ------------------------------------------------------------
+
+    def _compact_adapter(self):
+        """Drops the pruned components; the layer's outputs do not change.
+
+        Returns:
+            The number of components removed.
+        """
+        mask = np.asarray(ops.convert_to_numpy(self.rank_mask))
+        keep = np.flatnonzero(mask > 0.5)
+        removed = self.adapter_rank - keep.size
+        if removed == 0:
+            return 0
+        values = {
+            A_NAME: ops.convert_to_numpy(self.adalora_a)[:, keep],
+            LAM_NAME: ops.convert_to_numpy(self.adalora_lam)[keep],
+            B_NAME: ops.convert_to_numpy(self.adalora_b)[keep, :],
+            MASK_NAME: mask[keep],
+        }
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        for variable in self._adapter_variables().values():
+            self._untrack_variable(variable)
+        self.adapter_rank = int(keep.size)
+        self._build_adapter(initial_values=values)
+        if locked:
+            self._tracker.lock()
+        return int(removed)
+
+    # Saving ----------------------------------------------------------------
+
+    def _named_weights(self):
+        named = []
+        for name, attribute in self._base_weight_names():
+            variable = getattr(self, attribute)
+            if variable is not None:
+                named.append((name, variable))
+        named.extend(self._adapter_variables().items())
+        return named
+
+    def save_own_variables(self, store):
+        if not self.built:
+            return
+        for name, variable in self._named_weights():
+            store[name] = variable
+
+    def load_own_variables(self, store):
+        if not self.built:
+            return
+        named = self._named_weights()
+        keys = set(store.keys())
+        missing = [name for name, _ in named if name not in keys]
+        if missing:
+            raise ValueError(
+                f"Layer '{self.name}' could not load its weights: the saved "
+                f"entry lacks {missing} (it holds {sorted(keys)}). The file "
+                "was saved from a different layer; adapt the model the same "
+                "way before loading."
+            )
+        for name, variable in named:
+            value = store[name]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Layer '{self.name}': saved weight '{name}' has shape "
+                    f"{tuple(value.shape)} but the layer's has "
+                    f"{tuple(variable.shape)}. Was the file saved from a "
+                    "compacted model? Compact this one the same way first."
+                )
+            variable.assign(value)
+
+
+def _constant_initializer(value):
+    def initializer(shape, dtype=None):
+        return ops.cast(ops.convert_to_tensor(value), dtype or ADAPTER_DTYPE)
+
+    return initializer
+
+
+class AdaptedLayerMixin(AdaLoRAAdapter):
+    """Construction shared by the adapted layer classes.
+
+    `wrapped_class` names the plain Keras layer a class adapts; its instances
+    can be adapted in place (what `apply_adalora` does) or copied into a new
+    adapted layer with `from_layer`.
+    """
+
+    wrapped_class = None
+
+    @classmethod
+    def check_wrappable(cls, layer, init_rank):
+        """Raises `ValueError` if `layer` cannot be adapted by this class."""
+        name = getattr(layer, "path", None) or layer.name
+        if isinstance(layer, AdaLoRAAdapter):
+            raise ValueError(
+                f"Layer '{name}' is already adapted with AdaLoRA (init_rank="
+                f"{layer.init_rank}). Leave it out of `target`, or merge it "
+                "first with `merge_adalora`."
+            )
+        if type(layer) is not cls.wrapped_class:
+            raise ValueError(
+                f"{cls.__name__} adapts `keras.layers."
+                f"{cls.wrapped_class.__name__}` layers; layer '{name}' is a "
+                f"{type(layer).__name__}, whose call() may differ. Leave it "
+                "out of `target`."
+            )
+        if not layer.built:
+            raise ValueError(
+                f"Layer '{name}' is not built, so its kernel does not exist "
+                "yet. Build the model first (call it on a batch, or "
+                "`model.build(input_shape)`), then adapt it."
+            )
+        if layer.quantization_mode is not None:
+            raise ValueError(
+                f"Layer '{name}' is quantized (quantization_mode="
+                f"'{layer.quantization_mode}'); AdaLoRA adapts float kernels "
+                "only. Adapt the float model, or leave this layer out of "
+                "`target`."
+            )
+        if getattr(layer, "lora_enabled", False):
+            raise ValueError(
+                f"Layer '{name}' has Keras's built-in LoRA enabled (lora_rank="
+                f"{layer.lora_rank}). Adapt a layer without LoRA (build it "
+                "without `lora_rank`, or fold the LoRA weights into the "
+                "kernel first)."
+            )
+        init_rank = _check_positive_int(init_rank, "init_rank")
+        d_in, d_out = cls._adapter_matrix_shape(layer)
+        if init_rank > min(d_in, d_out):
+            raise ValueError(
+                f"`init_rank`={init_rank} is too large for layer '{name}': "
+                f"its kernel reads as a {d_in} x {d_out} matrix, whose rank "
+                f"is at most {min(d_in, d_out)}. Pass init_rank <= "
+                f"{min(d_in, d_out)}, or leave this layer out of `target`."
+            )
+
+    @classmethod
+    def adapt_in_place(
+        cls, layer, init_rank=12, alpha=None, dropout=0.0, orth_reg_weight=0.1
+    ):
+        """Turns a built plain layer into an adapted one, keeping the object.
+
+        The layer keeps its name, path, weights and place in the model; its
+        kernel and bias become frozen and the adapter starts at `lam = 0`, so
+        its outputs do not change.
+        """
+        cls.check_wrappable(layer, init_rank)
+        validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
+        locked = layer._tracker.locked
+        layer._tracker.unlock()
+        layer.__class__ = cls
+        layer._init_adapter(init_rank, alpha, dropout, orth_reg_weight)
+        layer._freeze_base_weights()
+        layer._build_adapter()
+        if locked:
+            layer._tracker.lock()
+        return layer
+
+    @classmethod
+    def from_layer(
+        cls, layer, init_rank=12, alpha=None, dropout=0.0, orth_reg_weight=0.1
+    ):
+        """A new adapted layer holding a copy of `layer`'s weights.
+
+        `layer` itself is left untouched. The new layer has the same
+        configuration, is built for the same input shape, and gives the same
+        outputs until it is trained.
+        """
+        cls.check_wrappable(layer, init_rank)
+        config = layer.get_config()
+        config.update(
+            init_rank=init_rank,
+            alpha=alpha,
+            dropout=dropout,
+            orth_reg_weight=orth_reg_weight,
+        )
+        new = cls.from_config(config)
+        new.build_from_config(layer.get_build_config())
+        for _, attribute in new._base_weight_names():
+            source = getattr(layer, attribute)
+            if source is not None:
+                getattr(new, attribute).assign(source)
+        return new
+
+    def revert_in_place(self):
+        """Turns this layer back into its plain Keras class, holding the
+        merged kernel `W + delta_W` (what `merge_adalora` does per layer).
+
+        The kernel and bias become ordinary trainable weights again, as in a
+        freshly built plain layer.
+        """
+        merged = self.merged_kernel()
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        for variable in self._adapter_variables().values():
+            self._untrack_variable(variable)
+        if self.adapter_dropout is not None:
+            self._tracker.untrack(self.adapter_dropout)
+        self._base_kernel_variable().assign(merged)
+        for variable in self._base_weights():
+            _move_to_store(self, variable, trainable=True)
+        for attribute in _ADAPTER_ATTRIBUTES:
+            # Skips Keras's `Layer.__delattr__` (a `gc.collect()` per
+            # variable) but keeps the backend's own attribute bookkeeping.
+            super(layers.Layer, self).__delattr__(attribute)
+        self.__class__ = self.wrapped_class
+        if locked:
+            self._tracker.lock()
+        return self
+
+
+_ADAPTER_ATTRIBUTES = (
+    "adalora_a",
+    "adalora_lam",
+    "adalora_b",
+    "rank_mask",
+    "adapter_dropout",
+    "init_rank",
+    "alpha",
+    "dropout",
+    "orth_reg_weight",
+    "adapter_rank",
+)
+
+
+def _move_to_store(layer, variable, trainable):
+    """Re-files a tracked variable as trainable or not, in place."""
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    layer._tracker.untrack(variable)
+    variable.trainable = trainable
+    store = "trainable_variables" if trainable else "non_trainable_variables"
+    layer._tracker.add_to_store(store, variable)
+    if locked:
+        layer._tracker.lock()

@@ -1,0 +1,129 @@
+"""`apply_adalora`: adapt the layers of an existing model in place."""
+
+from keras_adalora._backend import refresh_tracked_parameters
+from keras_adalora._backend import reset_compiled_state
+from keras_adalora.adapter import validate_adapter_args
+from keras_adalora.targets import adapter_class_for
+from keras_adalora.targets import select_layers
+
+
+def apply_adalora(
+    model,
+    init_rank=12,
+    alpha=None,
+    target=None,
+    orth_reg_weight=0.1,
+    dropout=0.0,
+    keep_trainable=None,
+):
+    """Adapts the layers of `model` with AdaLoRA, in place.
+
+    Each matched `Dense`, `EinsumDense` or `Embedding` layer becomes its
+    AdaLoRA counterpart (`AdaLoRADense`, ...) without being replaced: it keeps
+    its name, path, weights and place in the model, so this works the same
+    for Sequential, functional and subclassed models and for layers nested
+    inside other layers (a KerasHub `TransformerEncoder`'s attention and
+    feed-forward projections). The adapters start at `lam = 0`, so the
+    model's outputs are unchanged right after the call.
+
+    What trains afterwards:
+    - adapted layers: only their adapter (`A`, `lam`, `B`); their kernel and
+      bias are frozen for good (even `model.trainable = True` keeps them so);
+    - layers matched by `keep_trainable`: all their weights, as before (use
+      it for a freshly initialised task head; such layers are never adapted);
+    - every other weight of the model is frozen (`layer.trainable = False`),
+      as in PEFT. Unfreeze a layer afterwards with `layer.trainable = True`.
+
+    Best called before `model.compile()`. On a model already compiled and
+    trained, the optimizer is rebuilt for the new trainable variables (its
+    step counter continues, its moments restart).
+
+    Args:
+        model: a built Keras model (or layer).
+        init_rank: number of rank-1 components each adapter starts with.
+        alpha: scale numerator; each adapter is multiplied by
+            `alpha / init_rank`. Defaults to `init_rank` (a scale of 1).
+        target: which layers to adapt. `None`: every plain `Dense` and
+            `EinsumDense`. A regular expression or a list of them: the
+            `Dense`, `EinsumDense` and `Embedding` layers whose `layer.path`
+            contains a match (`re.search`). A callable `layer -> bool`: the
+            layers it accepts (each must be a kind AdaLoRA adapts).
+        orth_reg_weight: weight of the orthogonality penalty each adapted
+            layer adds to the model's losses during training; `0` disables it.
+        dropout: dropout rate on the adapters' inputs (not applied to
+            `Embedding` layers, whose inputs are token ids).
+        keep_trainable: layers that keep training fully instead of being
+            frozen or adapted, chosen like `target` (regexes or a callable).
+
+    Returns:
+        `model`, adapted in place.
+
+    Raises:
+        ValueError: before anything changes, when no layer matches `target`,
+            a matched layer is already adapted, is of a kind or quantization
+            mode AdaLoRA cannot adapt, is not built, or when `init_rank`
+            exceeds a layer's `min(d_in, d_out)`.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((16,)),
+    ...     keras.layers.Dense(32, activation="relu", name="hidden"),
+    ...     keras.layers.Dense(3, name="head"),
+    ... ])
+    >>> model = apply_adalora(model, init_rank=4, keep_trainable=["head"])
+    >>> get_rank_pattern(model)
+    {'sequential/hidden': 4}
+    """
+    validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
+    to_adapt, to_keep = select_layers(model, target, keep_trainable)
+    classes = []
+    for layer in to_adapt:
+        cls = adapter_class_for(layer)
+        cls.check_wrappable(layer, init_rank)
+        classes.append(cls)
+
+    for layer, cls in zip(to_adapt, classes):
+        layer_dropout = 0.0 if cls.wrapped_class.__name__ == "Embedding" else dropout
+        cls.adapt_in_place(
+            layer,
+            init_rank=init_rank,
+            alpha=alpha,
+            dropout=layer_dropout,
+            orth_reg_weight=orth_reg_weight,
+        )
+    _freeze_all_but(model, to_adapt + to_keep)
+    refresh_tracked_parameters(model)
+    reset_compiled_state(model)
+    return model
+
+
+def _freeze_all_but(model, trainable_layers):
+    """Freezes every weight of `model` outside `trainable_layers`.
+
+    A layer that contains none of them is frozen as a whole
+    (`layer.trainable = False`); a layer above one of them stays trainable as
+    a container (so Keras still collects the trainable weights below it) but
+    its own weights are frozen.
+    """
+    keep = {id(layer) for layer in trainable_layers}
+    above = set()
+    for layer in model._flatten_layers(include_self=True):
+        if any(
+            id(sub) in keep for sub in layer._flatten_layers(include_self=False)
+        ):
+            above.add(id(layer))
+
+    def visit(layer):
+        if id(layer) in keep:
+            layer.trainable = True
+        elif id(layer) not in above:
+            layer.trainable = False
+        else:
+            layer.trainable = True
+            for variable in layer._trainable_variables:
+                variable.trainable = False
+            for sub in layer._layers:
+                visit(sub)
+
+    visit(model)

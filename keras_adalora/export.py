@@ -1,0 +1,106 @@
+"""Read, shrink and fold the adapters of an adapted model."""
+
+from keras_adalora._backend import refresh_tracked_parameters
+from keras_adalora._backend import reset_compiled_state
+from keras_adalora.targets import adapted_layers
+from keras_adalora.targets import layer_path
+
+
+def get_rank_pattern(model):
+    """The active rank of every adapted layer.
+
+    Args:
+        model: a model adapted with `apply_adalora` (or holding AdaLoRA
+            layers).
+
+    Returns:
+        A dict `{layer.path: active_rank}` in model order, where
+        `active_rank` is the number of alive rank-1 components.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> get_rank_pattern(apply_adalora(model, init_rank=2))
+    {'sequential/dense': 2}
+    """
+    return {layer_path(layer): layer.active_rank for layer in adapted_layers(model)}
+
+
+def compact_adalora(model):
+    """Slices every adapter down to its alive components, in place.
+
+    The pruned components (`rank_mask == 0`) contribute nothing to the
+    outputs, so the model computes exactly what it did; its adapter weights
+    shrink to `active_rank` columns of `A`, entries of `lam` and rows of `B`
+    per layer, and so does what `model.save` writes. A compacted layer
+    reloads compacted. The adapter scale `alpha / init_rank` is unchanged.
+
+    A compacted model can train further (the adapter keeps its learned
+    components, with fewer parameters and less compute). In a compiled
+    model, the optimizer is rebuilt for the new variables: its step counter
+    continues and its moment estimates restart.
+
+    Args:
+        model: a model holding AdaLoRA layers.
+
+    Returns:
+        `model`, compacted in place.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model = apply_adalora(model, init_rank=3)
+    >>> layer = model.layers[0]
+    >>> layer.rank_mask.assign([1.0, 0.0, 1.0])
+    >>> compact_adalora(model).layers[0].adalora_lam.shape
+    (2,)
+    """
+    layers = _require_adapted(model, "compact_adalora")
+    removed = sum(layer._compact_adapter() for layer in layers)
+    if removed:
+        refresh_tracked_parameters(model)
+        reset_compiled_state(model)
+    return model
+
+
+def merge_adalora(model):
+    """Folds every adapter into its kernel, leaving plain Keras layers.
+
+    Each adapted layer becomes the plain `Dense`, `EinsumDense` or
+    `Embedding` it was, with kernel `W + delta_W` in the kernel's dtype. The
+    model computes the same outputs (up to float rounding), runs at the cost
+    of the original model, and saves as a `.keras` file that loads without
+    `keras_adalora` installed. The merged layers' weights are ordinary
+    trainable weights again; the adapters are gone (save them first with
+    `model.save` if you may want them back). A compiled model's optimizer is
+    rebuilt for the new variables (step counter kept, moments restarted).
+
+    Args:
+        model: a model holding AdaLoRA layers.
+
+    Returns:
+        `model`, merged in place.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model = merge_adalora(apply_adalora(model, init_rank=2))
+    >>> type(model.layers[0]).__name__
+    'Dense'
+    """
+    layers = _require_adapted(model, "merge_adalora")
+    for layer in layers:
+        layer.revert_in_place()
+    refresh_tracked_parameters(model)
+    reset_compiled_state(model)
+    return model
+
+
+def _require_adapted(model, function):
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError(
+            f"`{function}` found no AdaLoRA layer in model "
+            f"'{model.name}'. Adapt it first with `apply_adalora`."
+        )
+    return layers

@@ -1,0 +1,111 @@
+"""`AdaLoRADense`: a `Dense` layer with a frozen kernel and an AdaLoRA adapter."""
+
+import keras
+from keras import ops
+
+from keras_adalora.adapter import AdaptedLayerMixin
+
+
+@keras.saving.register_keras_serializable(package="keras_adalora")
+class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
+    """A `Dense` layer whose update is an adaptive-rank SVD-form adapter.
+
+    The kernel `W (d_in, units)` and the bias are frozen; the layer learns
+
+        delta_W = (alpha / init_rank) * A @ diag(lam * rank_mask) @ B
+
+    with `A (d_in, r)`, `lam (r,)` and `B (r, units)` trainable and
+    `rank_mask` a non-trainable 0/1 vector that `RankBudgetCallback` writes
+    to prune rank-1 components during training. `lam` starts at zero, so a
+    freshly adapted layer computes exactly what the plain layer did. The
+    forward pass never forms `delta_W`: it adds
+    `((x @ A) * (scale * lam * rank_mask)) @ B` to `x @ W`.
+
+    Most users get these layers from `keras_adalora.apply_adalora(model)`;
+    build one directly, or from an existing built `Dense` with
+    `AdaLoRADense.from_layer(layer, init_rank=...)`.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        init_rank: Number of rank-1 components the adapter starts with
+            (SPEC's `r0`); at most `min(d_in, units)`.
+        alpha: Scale numerator; the adapter is multiplied by
+            `alpha / init_rank`. Defaults to `init_rank` (a scale of 1).
+        dropout: Dropout rate applied to the adapter's input only.
+        orth_reg_weight: Weight of the orthogonality penalty
+            `||A^T A - I||^2 + ||B B^T - I||^2` added to the model's losses
+            during training. `0` disables it.
+        adapter_rank: Number of components stored; equals `init_rank` until
+            `compact_adalora` removes the pruned ones. Set by deserialization,
+            not by users.
+        **kwargs: Every other `keras.layers.Dense` argument (`activation`,
+            `use_bias`, initializers, regularizers, `name`, `dtype`, ...).
+
+    Example:
+
+    >>> layer = AdaLoRADense(16, init_rank=4, activation="relu")
+    >>> y = layer(np.ones((2, 8)))
+    >>> y.shape, layer.active_rank
+    ((2, 16), 4)
+    """
+
+    wrapped_class = keras.layers.Dense
+
+    def __init__(
+        self,
+        units,
+        init_rank=12,
+        alpha=None,
+        dropout=0.0,
+        orth_reg_weight=0.1,
+        adapter_rank=None,
+        **kwargs,
+    ):
+        super().__init__(units, **kwargs)
+        self._init_adapter(
+            init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self._freeze_base_weights()
+        self._build_adapter()
+
+    def _base_kernel_variable(self):
+        return self._kernel
+
+    def _base_weight_names(self):
+        return (("kernel", "_kernel"), ("bias", "bias"))
+
+    def _adapter_matrix_shape(self):
+        return tuple(self._kernel.shape)
+
+    def _kernel_from_matrix(self, matrix):
+        return matrix
+
+    def _adapter_project_in(self, inputs, a):
+        return ops.matmul(inputs, a)
+
+    def _adapter_project_out(self, h, b):
+        return ops.matmul(h, b)
+
+    @property
+    def kernel(self):
+        """The effective kernel `W + delta_W` (a tensor, not a variable)."""
+        if not self.built:
+            raise AttributeError(
+                "You must build the layer before accessing `kernel`."
+            )
+        return ops.cast(self.merged_kernel(), self.compute_dtype)
+
+    def call(self, inputs, training=None):
+        x = ops.matmul(inputs, self._kernel)
+        x = ops.add(x, self.adapter_output(inputs, training=training))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), **self._adapter_config()}

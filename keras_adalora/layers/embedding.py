@@ -1,0 +1,126 @@
+"""`AdaLoRAEmbedding`: an `Embedding` with a frozen table and an AdaLoRA adapter."""
+
+import keras
+from keras import backend
+from keras import ops
+
+from keras_adalora.adapter import AdaptedLayerMixin
+
+
+@keras.saving.register_keras_serializable(package="keras_adalora")
+class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
+    """An `Embedding` layer with a frozen table and an AdaLoRA adapter.
+
+    The table `E (input_dim, output_dim)` is frozen; the layer learns
+    `delta_E = (alpha / init_rank) * A @ diag(lam * rank_mask) @ B`, with the
+    rows of `A (input_dim, r)` looked up by token id like the table's own.
+
+    Args:
+        input_dim: Size of the vocabulary.
+        output_dim: Dimension of the embedding.
+        init_rank: Number of rank-1 components the adapter starts with; at
+            most `min(input_dim, output_dim)`.
+        alpha: Scale numerator (`alpha / init_rank`); defaults to
+            `init_rank`.
+        dropout: Must be `0`: an embedding's inputs are token ids, which
+            dropout does not apply to.
+        orth_reg_weight: Weight of the orthogonality penalty added to the
+            model's losses during training; `0` disables it.
+        adapter_rank: Number of components stored (set by deserialization
+            after `compact_adalora`).
+        **kwargs: Every other `keras.layers.Embedding` argument.
+
+    Example:
+
+    >>> layer = AdaLoRAEmbedding(100, 16, init_rank=4)
+    >>> layer(np.array([[1, 2, 3]])).shape
+    (1, 3, 16)
+    """
+
+    wrapped_class = keras.layers.Embedding
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        init_rank=12,
+        alpha=None,
+        dropout=0.0,
+        orth_reg_weight=0.1,
+        adapter_rank=None,
+        **kwargs,
+    ):
+        _check_no_dropout(dropout)
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._init_adapter(
+            init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+        )
+
+    @classmethod
+    def adapt_in_place(cls, layer, init_rank=12, alpha=None, dropout=0.0,
+                       orth_reg_weight=0.1):
+        _check_no_dropout(dropout)
+        return super().adapt_in_place(
+            layer, init_rank, alpha, dropout, orth_reg_weight
+        )
+
+    @classmethod
+    def from_layer(cls, layer, init_rank=12, alpha=None, dropout=0.0,
+                   orth_reg_weight=0.1):
+        _check_no_dropout(dropout)
+        return super().from_layer(
+            layer, init_rank, alpha, dropout, orth_reg_weight
+        )
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        super().build(input_shape)
+        self._freeze_base_weights()
+        self._build_adapter()
+
+    def _base_kernel_variable(self):
+        return self._embeddings
+
+    def _base_weight_names(self):
+        return (("embeddings", "_embeddings"),)
+
+    def _adapter_matrix_shape(self):
+        return tuple(self._embeddings.shape)
+
+    def _kernel_from_matrix(self, matrix):
+        return matrix
+
+    def _adapter_project_in(self, inputs, a):
+        return ops.take(a, inputs, axis=0)
+
+    def _adapter_project_out(self, h, b):
+        return ops.matmul(h, b)
+
+    @property
+    def embeddings(self):
+        """The effective table `E + delta_E` (a tensor, not a variable)."""
+        if not self.built:
+            raise AttributeError(
+                "You must build the layer before accessing `embeddings`."
+            )
+        return ops.cast(self.merged_kernel(), self.compute_dtype)
+
+    def call(self, inputs, training=None):
+        if backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
+            inputs = ops.cast(inputs, "int32")
+        outputs = ops.cast(
+            ops.take(self._embeddings, inputs, axis=0), self.compute_dtype
+        )
+        return ops.add(outputs, self.adapter_output(inputs, training=training))
+
+    def get_config(self):
+        return {**super().get_config(), **self._adapter_config()}
+
+
+def _check_no_dropout(dropout):
+    if dropout:
+        raise ValueError(
+            "AdaLoRAEmbedding takes token ids as inputs, which dropout does "
+            f"not apply to: pass dropout=0. Received: dropout={dropout!r}"
+        )

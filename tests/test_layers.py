@@ -1,0 +1,257 @@
+"""The adapted layers on their own: maths, freezing, config, precision."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import to_numpy
+
+from keras_adalora import AdaLoRADense
+from keras_adalora import AdaLoRAEinsumDense
+from keras_adalora import AdaLoRAEmbedding
+from keras_adalora.layers.einsum_dense import EinsumMatrixView
+from keras_adalora.regularizers import orthogonality_penalty
+
+RNG = np.random.default_rng(0)
+
+# (plain layer factory, input) for each adapted kind; the einsum equations
+# are those of Keras/KerasHub attention and feed-forward projections.
+CASES = {
+    "dense": (lambda: keras.layers.Dense(12), RNG.normal(size=(3, 10))),
+    "einsum_query": (
+        lambda: keras.layers.EinsumDense(
+            "abc,cde->abde", output_shape=(None, 4, 6), bias_axes="de"
+        ),
+        RNG.normal(size=(2, 5, 24)),
+    ),
+    "einsum_output": (
+        lambda: keras.layers.EinsumDense(
+            "btnh,nhd->btd", output_shape=(None, 24), bias_axes="d"
+        ),
+        RNG.normal(size=(2, 5, 4, 6)),
+    ),
+    "einsum_ffn": (
+        lambda: keras.layers.EinsumDense("btd,df->btf", output_shape=(None, 32)),
+        RNG.normal(size=(2, 5, 24)),
+    ),
+    "einsum_ellipsis": (
+        lambda: keras.layers.EinsumDense("...b,bc->...c", output_shape=8),
+        RNG.normal(size=(2, 3, 6)),
+    ),
+    "einsum_gqa_key": (
+        lambda: keras.layers.EinsumDense("bsd,kdh->bskh", output_shape=(None, 2, 4)),
+        RNG.normal(size=(2, 5, 12)),
+    ),
+    "embedding": (
+        lambda: keras.layers.Embedding(50, 12),
+        RNG.integers(0, 50, size=(3, 7)),
+    ),
+}
+ADAPTED = {
+    keras.layers.Dense: AdaLoRADense,
+    keras.layers.EinsumDense: AdaLoRAEinsumDense,
+    keras.layers.Embedding: AdaLoRAEmbedding,
+}
+
+
+def built_pair(case, init_rank=3):
+    factory, x = CASES[case]
+    x = x.astype("float32") if x.dtype.kind == "f" else x.astype("int32")
+    base = factory()
+    base(x)
+    adapted = ADAPTED[type(base)].from_layer(base, init_rank=init_rank)
+    return base, adapted, x
+
+
+def plain_call(layer, kernel, x):
+    """The plain Keras computation with an explicit kernel."""
+    if isinstance(layer, keras.layers.Embedding):
+        return to_numpy(kernel)[x]
+    if isinstance(layer, keras.layers.EinsumDense):
+        y = np.einsum(layer.equation, x, to_numpy(kernel))
+    else:
+        y = x @ to_numpy(kernel)
+    if layer.bias is not None:
+        y = y + to_numpy(layer.bias)
+    return y
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_freshly_adapted_layer_computes_what_the_plain_layer_did(case):
+    base, adapted, x = built_pair(case)
+    np.testing.assert_array_equal(to_numpy(adapted(x)), to_numpy(base(x)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_pass_equals_the_merged_kernel_formula(case):
+    base, adapted, x = built_pair(case)
+    adapted.adalora_lam.assign(RNG.normal(size=(3,)).astype("float32"))
+    adapted.rank_mask.assign(np.array([1.0, 0.0, 1.0], "float32"))
+    a, lam, b = (to_numpy(v) for v in (adapted.adalora_a, adapted.adalora_lam, adapted.adalora_b))
+    mask = to_numpy(adapted.rank_mask)
+    delta = (adapted.alpha / adapted.init_rank) * (a * (lam * mask)) @ b
+    np.testing.assert_allclose(to_numpy(adapted.delta_matrix()), delta, rtol=1e-5, atol=1e-6)
+    expected = plain_call(adapted, adapted.merged_kernel(), x)
+    np.testing.assert_allclose(to_numpy(adapted(x)), expected, rtol=1e-4, atol=1e-4)
+    # The pruned component really is gone: lam[1] no longer matters.
+    before = to_numpy(adapted(x))
+    adapted.adalora_lam.assign(lam + np.array([0.0, 5.0, 0.0], "float32"))
+    np.testing.assert_allclose(to_numpy(adapted(x)), before, rtol=1e-6, atol=1e-6)
+
+
+def test_only_the_adapter_is_trainable_and_the_mask_is_not():
+    layer = AdaLoRADense(16, init_rank=4)
+    layer.build((None, 8))
+    assert [v.name for v in layer.trainable_weights] == [
+        "adalora_A",
+        "adalora_lam",
+        "adalora_B",
+    ]
+    assert {v.name for v in layer.non_trainable_weights} == {
+        "kernel",
+        "bias",
+        "rank_mask",
+    }
+    assert layer.init_rank == 4 and layer.active_rank == 4
+    assert layer.adalora_a.shape == (8, 4) and layer.adalora_b.shape == (4, 16)
+    np.testing.assert_array_equal(to_numpy(layer.adalora_lam), np.zeros(4))
+
+
+def test_toggling_trainable_never_unfreezes_the_base_kernel():
+    model = keras.Sequential([keras.Input((8,)), AdaLoRADense(16, init_rank=4)])
+    model.trainable = False
+    assert model.trainable_weights == []
+    model.trainable = True
+    model.layers[0].trainable = True
+    names = [v.name for v in model.trainable_weights]
+    assert names == ["adalora_A", "adalora_lam", "adalora_B"]
+
+
+def test_initial_factors_follow_the_spec_distribution():
+    layer = AdaLoRADense(400, init_rank=16)
+    layer.build((None, 300))
+    a = to_numpy(layer.adalora_a)
+    b = to_numpy(layer.adalora_b)
+    # N(0, 1/init_rank): standard deviation 0.25.
+    assert abs(a.std() - 0.25) < 0.01 and abs(b.std() - 0.25) < 0.01
+    assert abs(a.mean()) < 0.01
+
+
+def test_attention_output_adapter_spans_all_heads():
+    """`btnh,nhd->btd` reads as an (n*h) x d matrix, so the adapter's rank can
+    exceed the number of heads n; Keras's `enable_lora` factors (n, h, r) x
+    (r, d) and is also limited to r, but its delta is built per first axis."""
+    heads, head_dim, dim = 4, 8, 32
+    layer = AdaLoRAEinsumDense(
+        "btnh,nhd->btd", output_shape=(None, dim), init_rank=16
+    )
+    layer.build((None, 5, heads, head_dim))
+    assert layer.adalora_a.shape == (heads * head_dim, 16)
+    layer.adalora_lam.assign(np.linspace(1.0, 2.0, 16).astype("float32"))
+    delta = to_numpy(layer.delta_kernel())
+    assert delta.shape == (heads, head_dim, dim)
+    rank = np.linalg.matrix_rank(delta.reshape(heads * head_dim, dim))
+    assert rank == 16 > heads
+
+
+def test_matrix_view_round_trips_the_kernel_layout():
+    view = EinsumMatrixView("bsd,kdh->bskh", (3, 12, 4))
+    assert view.matrix_shape == (12, 12)
+    kernel = np.arange(3 * 12 * 4, dtype="float32").reshape(3, 12, 4)
+    matrix = np.transpose(kernel, (1, 0, 2)).reshape(12, 12)
+    np.testing.assert_array_equal(to_numpy(view.kernel_from_matrix(matrix)), kernel)
+
+
+@pytest.mark.parametrize(
+    "equation, shape, message",
+    [
+        ("eti,eih->eth", (2, 6, 4), "batch of separate matrices"),
+        ("btd,dfk->btf", (6, 4, 3), "summed away"),
+    ],
+)
+def test_equations_that_are_not_one_linear_map_are_refused(equation, shape, message):
+    with pytest.raises(ValueError, match=message):
+        EinsumMatrixView(equation, shape)
+
+
+def test_orthogonality_penalty_on_hand_computed_factors():
+    assert float(orthogonality_penalty(np.eye(4, 2), np.eye(2, 3))) == 0.0
+    a = np.array([[2.0, 0.0], [0.0, 1.0]], "float32")  # A^T A - I = diag(3, 0)
+    b = np.array([[1.0, 1.0]], "float32")  # B B^T - I = [[1]]
+    np.testing.assert_allclose(float(orthogonality_penalty(a, np.eye(2))), 9.0)
+    np.testing.assert_allclose(float(orthogonality_penalty(np.eye(2, 1), b)), 1.0)
+
+
+def test_penalty_is_added_to_losses_in_training_only():
+    layer = AdaLoRADense(6, init_rank=3, orth_reg_weight=0.5)
+    x = np.ones((2, 5), "float32")
+    layer(x, training=False)
+    assert layer.losses == []
+    layer(x, training=True)
+    assert len(layer.losses) == 1
+    expected = 0.5 * float(to_numpy(orthogonality_penalty(layer.adalora_a, layer.adalora_b)))
+    np.testing.assert_allclose(float(to_numpy(layer.losses[0])), expected, rtol=1e-5)
+    silent = AdaLoRADense(6, init_rank=3, orth_reg_weight=0.0)
+    silent(x, training=True)
+    assert silent.losses == []
+
+
+@pytest.mark.parametrize("case", ["dense", "einsum_output", "embedding"])
+def test_config_round_trip_rebuilds_the_same_layer(case):
+    _, adapted, x = built_pair(case)
+    config = adapted.get_config()
+    assert config["init_rank"] == 3 and config["adapter_rank"] == 3
+    clone = type(adapted).from_config(config)
+    clone(x)
+    assert clone.get_config() == config
+    assert [v.shape for v in clone.weights] == [v.shape for v in adapted.weights]
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"init_rank": 0}, "init_rank"),
+        ({"init_rank": 2.5}, "init_rank"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"orth_reg_weight": -0.1}, "orth_reg_weight"),
+        ({"adapter_rank": 9}, "adapter_rank"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        AdaLoRADense(8, **{"init_rank": 4, **kwargs})
+
+
+def test_init_rank_above_the_kernel_rank_is_refused_at_build():
+    layer = AdaLoRADense(4, init_rank=5)
+    with pytest.raises(ValueError, match="init_rank.*at most 4"):
+        layer.build((None, 10))
+
+
+def test_embedding_refuses_dropout():
+    with pytest.raises(ValueError, match="dropout"):
+        AdaLoRAEmbedding(10, 4, init_rank=2, dropout=0.1)
+
+
+def test_adapter_dropout_only_acts_in_training():
+    layer = AdaLoRADense(8, init_rank=4, dropout=0.5)
+    x = np.ones((4, 6), "float32")
+    layer(x)
+    layer.adalora_lam.assign(np.ones(4, "float32"))
+    np.testing.assert_array_equal(to_numpy(layer(x)), to_numpy(layer(x)))
+    assert not np.allclose(to_numpy(layer(x, training=True)), to_numpy(layer(x)))
+
+
+def test_mixed_bfloat16_keeps_adapter_weights_in_float32_and_trains():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = keras.Sequential(
+        [keras.Input((8,)), AdaLoRADense(16, init_rank=4), keras.layers.Dense(2)]
+    )
+    layer = model.layers[0]
+    assert layer.compute_dtype == "bfloat16"
+    assert {v.dtype for v in (layer.adalora_a, layer.adalora_lam, layer.adalora_b, layer.rank_mask)} == {"float32"}
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    assert keras.backend.standardize_dtype(model(x).dtype) == "bfloat16"
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x, np.ones((16, 2), "float32"), epochs=2, verbose=0)
+    assert np.all(to_numpy(layer.adalora_lam) != 0)
