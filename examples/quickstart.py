@@ -5,9 +5,12 @@ Runs offline in well under a minute on a laptop CPU:
 1. "pretrains" a small MLP on the handwritten digits 0-4 (scikit-learn's
    bundled 8x8 digits, 1,797 real images, no download);
 2. adapts it to all ten digits: a fresh 10-way head stays fully trainable,
-   every hidden Dense layer gets a frozen kernel and an AdaLoRA adapter;
-3. fine-tunes with `model.fit`, prints accuracy before and after and the
-   rank of every adapter;
+   every hidden Dense layer gets a frozen kernel and an AdaLoRA adapter of
+   rank 8;
+3. fine-tunes with `model.fit` and `RankBudgetCallback`, which prunes the
+   adapters to an average rank of 4 (the progress log shows
+   `adalora_budget` and `adalora_rank`), and prints accuracy before and
+   after and where the rank went;
 4. saves the adapted model, compacts the adapters to their alive
    components, merges them into plain Dense kernels for deployment and
    checks the merged model computes the same predictions.
@@ -32,7 +35,8 @@ def parse_args(argv=None):
         help="Keras backend (default: $KERAS_BACKEND, else jax).",
     )
     parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
-    parser.add_argument("--init-rank", type=int, default=8, help="adapter rank per layer")
+    parser.add_argument("--init-rank", type=int, default=8, help="starting rank per layer")
+    parser.add_argument("--target-rank", type=int, default=4, help="average final rank per layer")
     parser.add_argument("--out", default="quickstart_out", help="output folder")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny settings, for CI"
@@ -94,6 +98,11 @@ def main(argv=None):
         metrics=["accuracy"],
     )
     _, before = model.evaluate(x_test, y_test, verbose=0)
+    # 3. Fine-tune. Pruning runs from 10% to 70% of the steps; the last 30%
+    # train the final ranks.
+    budget = keras_adalora.RankBudgetCallback(
+        target_rank=args.target_rank, tinit=0.1, tfinal=0.7, delta_t=5
+    )
     model.fit(
         x_train,
         y_train,
@@ -101,15 +110,21 @@ def main(argv=None):
         epochs=epochs,
         batch_size=32,
         verbose=2,
+        callbacks=[budget],
     )
     _, after = model.evaluate(x_test, y_test, verbose=0)
     print(f"Test accuracy: {before:.3f} before fine-tuning, {after:.3f} after")
-    print("Active rank per adapted layer:", keras_adalora.get_rank_pattern(model))
+    print("Rank per adapted layer:", keras_adalora.get_rank_pattern(model))
 
-    # 3. Save, compact, merge.
+    # 4. Save, compact, merge.
     model.save(out / "adapted.keras")
     predictions = model.predict(x_test, verbose=0)
+    adapter_size = count(model.trainable_weights)
     keras_adalora.compact_adalora(model)
+    print(
+        f"Trainable parameters after compaction: "
+        f"{count(model.trainable_weights):,} (was {adapter_size:,})"
+    )
     keras_adalora.merge_adalora(model)
     merged_path = out / "merged.keras"
     model.save(merged_path)

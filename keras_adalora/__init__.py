@@ -1,12 +1,15 @@
 """AdaLoRA (adaptive-rank LoRA) for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_adalora.allocator import RankAllocator
 from keras_adalora.apply import apply_adalora
+from keras_adalora.callback import RankBudgetCallback
 from keras_adalora.export import compact_adalora
 from keras_adalora.export import get_rank_pattern
 from keras_adalora.export import merge_adalora
 from keras_adalora.layers import AdaLoRADense
 from keras_adalora.layers import AdaLoRAEinsumDense
 from keras_adalora.layers import AdaLoRAEmbedding
+from keras_adalora.optimizer import AdaLoRAOptimizer
 
 __version__ = "0.1.0"
 
@@ -14,6 +17,9 @@ __all__ = [
     "AdaLoRADense",
     "AdaLoRAEinsumDense",
     "AdaLoRAEmbedding",
+    "AdaLoRAOptimizer",
+    "RankAllocator",
+    "RankBudgetCallback",
     "apply_adalora",
     "compact_adalora",
     "get_rank_pattern",

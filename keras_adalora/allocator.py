@@ -1,0 +1,264 @@
+"""`RankAllocator`: AdaLoRA's schedule applied to a model's rank masks.
+
+The engine behind `RankBudgetCallback`, public for custom training loops:
+the optimizer (an `AdaLoRAOptimizer`) updates the scores at every step, and
+`allocator.update(step)` writes the masks when the schedule says so.
+"""
+
+from keras import ops
+
+from keras_adalora import allocation as allocation_lib
+from keras_adalora import schedule
+from keras_adalora.targets import adapted_layers
+from keras_adalora.targets import layer_path
+
+ALLOCATION_KINDS = ("global", "layer")
+
+
+def check_int(value, name, minimum, allow_none=False):
+    """Returns `value` if it is an int >= `minimum` (or an allowed None)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}"
+            + (" or None" if allow_none else "")
+            + f". Received: {name}={value!r}"
+        )
+    if value < minimum:
+        raise ValueError(
+            f"`{name}` must be >= {minimum}. Received: {name}={value}"
+        )
+    return value
+
+
+class RankAllocator:
+    """Writes the rank masks of a model's AdaLoRA layers on a budget schedule.
+
+    Budgets follow SPEC.md sections 4 and 5: `B0 = init_rank * n` components
+    alive through `tinit`, the cubic decay to `BT = target_rank * n` (or
+    `total_rank`) by `tfinal`, recomputed every `delta_t` steps, then frozen.
+    Which components stay alive comes from the scores that `optimizer` (an
+    `AdaLoRAOptimizer` built for the model's trainable variables) keeps.
+
+    In a custom training loop, call `update(step)` after each optimizer step
+    (`step` counting optimizer updates from 1). It reads nothing from the
+    device except at mask steps. On JAX, write your loop's state back into
+    the model and optimizer variables before an `update` that is due
+    (`allocator.due(step)`), and read the masks back after it.
+
+    Args:
+        model: the adapted model.
+        optimizer: its `AdaLoRAOptimizer`, built.
+        target_rank, init_rank, tinit, tfinal, total_steps, delta_t,
+        allocation, min_rank, max_rank, total_rank: as in
+            `RankBudgetCallback`; `tinit`/`tfinal` given as fractions need
+            `total_steps`.
+
+    Example:
+
+    >>> optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(1e-3))
+    >>> optimizer.watch(model)
+    >>> optimizer.build(model.trainable_variables)
+    >>> allocator = RankAllocator(model, optimizer, target_rank=4,
+    ...                           tinit=100, tfinal=800, total_steps=1000)
+    >>> for step in range(1, 1001):  # doctest: +SKIP
+    ...     grads = ...  # your loss and gradients
+    ...     optimizer.apply(grads, model.trainable_variables)
+    ...     allocator.update(step)
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        target_rank=8,
+        init_rank=None,
+        tinit=0.1,
+        tfinal=0.7,
+        total_steps=None,
+        delta_t=10,
+        allocation="global",
+        min_rank=0,
+        max_rank=None,
+        total_rank=None,
+    ):
+        self.configure_budget(
+            model,
+            target_rank=target_rank,
+            init_rank=init_rank,
+            allocation=allocation,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            total_rank=total_rank,
+        )
+        self.optimizer = optimizer
+        self.configure_schedule(
+            tinit=schedule.resolve_step(tinit, total_steps, "tinit"),
+            tfinal=schedule.resolve_step(tfinal, total_steps, "tfinal"),
+            total_steps=total_steps,
+            delta_t=delta_t,
+        )
+        self.sync_state()
+
+    @classmethod
+    def for_model(cls, model, **budget):
+        """An allocator with its budget checked against `model`, before any
+        optimizer or schedule is known (what a callback can do at setup)."""
+        allocator = cls.__new__(cls)
+        allocator.configure_budget(model, **budget)
+        return allocator
+
+    def configure_budget(
+        self,
+        model,
+        *,
+        target_rank,
+        init_rank,
+        allocation,
+        min_rank,
+        max_rank,
+        total_rank,
+    ):
+        """Checks the budget arguments against `model`'s adapters."""
+        target_rank = check_int(target_rank, "target_rank", 1)
+        init_rank = check_int(init_rank, "init_rank", 1, allow_none=True)
+        min_rank = check_int(min_rank, "min_rank", 0)
+        max_rank = check_int(max_rank, "max_rank", 1, allow_none=True)
+        total_rank = check_int(total_rank, "total_rank", 1, allow_none=True)
+        if allocation not in ALLOCATION_KINDS:
+            raise ValueError(
+                f"`allocation` must be one of {ALLOCATION_KINDS}. "
+                f"Received: allocation={allocation!r}"
+            )
+        layers = adapted_layers(model)
+        if not layers:
+            raise ValueError(
+                f"Found no AdaLoRA layer in model '{model.name}'. Adapt it "
+                "first with `keras_adalora.apply_adalora(model, ...)`."
+            )
+        capacities = [layer.adapter_rank for layer in layers]
+        if init_rank is None:
+            layer_init = max(layer.init_rank for layer in layers)
+            if target_rank > layer_init:
+                raise ValueError(
+                    f"`target_rank`={target_rank} is above the adapters' "
+                    f"init_rank ({layer_init}): pruning can only lower "
+                    "ranks. Lower target_rank, or adapt with a larger "
+                    "init_rank."
+                )
+            initial_budget = sum(capacities)
+        else:
+            if init_rank > max(capacities):
+                raise ValueError(
+                    f"`init_rank`={init_rank} is above what the adapters "
+                    f"hold ({max(capacities)} components at most). Leave "
+                    "init_rank=None to use the adapters' own."
+                )
+            initial_budget = sum(min(init_rank, c) for c in capacities)
+        target_budget = (
+            total_rank if total_rank is not None else target_rank * len(layers)
+        )
+        if target_budget > initial_budget:
+            raise ValueError(
+                f"The final budget ({target_budget} components) is above the "
+                f"initial one ({initial_budget}): lower target_rank or "
+                "total_rank."
+            )
+        allocation_lib.check_budget(
+            target_budget, capacities, min_rank=min_rank, max_rank=max_rank
+        )
+        self.layers = layers
+        self.paths = [layer_path(layer) for layer in layers]
+        self.allocation = allocation
+        self.min_rank, self.max_rank = min_rank, max_rank
+        self.initial_budget, self.target_budget = initial_budget, target_budget
+        # While pruning, b(t) can exceed what max_rank lets the layers hold;
+        # then every layer keeps its max (SPEC.md section 5).
+        self.most_alive = int(
+            allocation_lib.rank_bounds(
+                capacities, min_rank=min_rank, max_rank=max_rank
+            )[1].sum()
+        )
+
+    def configure_schedule(self, *, tinit, tfinal, total_steps, delta_t):
+        """Sets the (absolute) schedule, checked by `validate_schedule`."""
+        schedule.validate_schedule(
+            tinit=tinit, tfinal=tfinal, total_steps=total_steps, delta_t=delta_t
+        )
+        if self.optimizer.importance == "frobenius" and tinit == 0:
+            raise ValueError(
+                "importance='frobenius' scores layers by ||delta_W||_F, which "
+                "is 0 until training moves lam: pass tinit > 0 (a warm-up)."
+            )
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
+        self.total_steps = total_steps
+
+    def sync_state(self):
+        """Re-reads the last mask step and the alive components from the
+        variables (after a restore, or a JAX loop's write-back)."""
+        last = int(ops.convert_to_numpy(self.optimizer.last_mask_step))
+        self.last_mask_step = None if last < 0 else last
+        self.alive = sum(layer.active_rank for layer in self.layers)
+
+    @property
+    def frozen(self):
+        """Whether the final allocation was made (ranks fixed for good)."""
+        return self.last_mask_step is not None and self.last_mask_step >= self.tfinal
+
+    def budget_at(self, step):
+        """`b(step)` in components, capped by what `max_rank` allows."""
+        budget = schedule.budget_at(
+            step,
+            initial_budget=self.initial_budget,
+            target_budget=self.target_budget,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+        )
+        return min(budget, self.most_alive)
+
+    def due(self, step):
+        """Whether `update(step)` would write the masks."""
+        return schedule.mask_due(
+            step,
+            self.last_mask_step,
+            tinit=self.tinit,
+            tfinal=self.tfinal,
+            delta_t=self.delta_t,
+        )
+
+    def update(self, step):
+        """Writes the masks if the schedule says so at `step`.
+
+        Returns:
+            Whether the masks were written.
+        """
+        if not self.due(step):
+            return False
+        budget = self.budget_at(step)
+        scores = [
+            ops.convert_to_numpy(self.optimizer.component_scores(path))
+            for path in self.paths
+        ]
+        if self.allocation == "global":
+            masks = allocation_lib.allocate_global(
+                scores, budget, min_rank=self.min_rank, max_rank=self.max_rank
+            )
+        else:
+            layer_scores = [
+                float(ops.convert_to_numpy(self.optimizer.layer_score(path)))
+                for path in self.paths
+            ]
+            masks = allocation_lib.allocate_by_layer(
+                layer_scores,
+                scores,
+                budget,
+                min_rank=self.min_rank,
+                max_rank=self.max_rank,
+            )
+        for layer, mask in zip(self.layers, masks):
+            layer.rank_mask.assign(mask.astype("float32"))
+        self.optimizer.last_mask_step.assign(step)
+        self.last_mask_step = step
+        self.alive = int(sum(int(mask.sum()) for mask in masks))
+        return True

@@ -1,0 +1,370 @@
+"""`AdaLoRAOptimizer`: an optimizer wrapper that scores adapter components.
+
+Keras shows callbacks no gradients, but every backend's `fit` hands them to
+`optimizer.apply` (the JAX trainer through `stateless_apply`). Wrapping the
+user's optimizer is therefore the one place where AdaLoRA's importance scores
+can be updated from each step's real gradients inside the compiled train
+step, with no host round trip and no extra forward or backward pass (the
+same route `keras.optimizers.LossScaleOptimizer` takes).
+
+The scores are optimizer variables: the JAX trainer only carries optimizer
+variables through its pure train step, and they are saved and restored with
+the optimizer (`model.save`, `BackupAndRestore`, checkpoints).
+"""
+
+import math
+
+import keras
+from keras import ops
+from keras.src.utils import tracking
+
+from keras_adalora import importance as importance_lib
+from keras_adalora.adapter import A_NAME
+from keras_adalora.adapter import B_NAME
+from keras_adalora.adapter import LAM_NAME
+
+IMPORTANCE_KINDS = ("sensitivity", "frobenius")
+_ADAPTER_NAMES = (A_NAME, LAM_NAME, B_NAME)
+
+
+def layer_key(variable):
+    """The path of the layer that owns `variable` (`"model/dense"`)."""
+    return variable.path.rsplit("/", 1)[0]
+
+
+@keras.saving.register_keras_serializable(package="keras_adalora")
+class AdaLoRAOptimizer(keras.optimizers.Optimizer):
+    """Wraps an optimizer to track AdaLoRA importance scores at every step.
+
+    Each `apply(grads, variables)` first updates the scores of the adapter
+    variables (`adalora_A`, `adalora_lam`, `adalora_B`) from this step's
+    gradients, then lets the wrapped optimizer apply the gradients. Nothing
+    else changes: learning rate, iterations and slots are the inner
+    optimizer's.
+
+    `importance="sensitivity"` (SPEC.md section 3) keeps, for every adapter
+    entry, the smoothed sensitivity `I_bar` and uncertainty `U_bar` of
+    `|theta * grad|`. `importance="frobenius"` keeps one smoothed
+    `||delta_W||_F` per layer. Steps with non-finite adapter gradients leave
+    the scores untouched. With `gradient_accumulation_steps` on the inner
+    optimizer, scores are updated once per real update, from the averaged
+    accumulated gradients.
+
+    `RankBudgetCallback` installs this wrapper by itself; use it directly
+    only in a custom training loop.
+
+    Args:
+        inner_optimizer: the optimizer that updates the weights.
+        beta1: EMA factor of the sensitivity (and of the Frobenius score).
+        beta2: EMA factor of the uncertainty.
+        importance: `"sensitivity"` or `"frobenius"`.
+        name: optional name.
+
+    Example:
+
+    >>> optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(1e-3))
+    >>> optimizer.learning_rate is optimizer.inner_optimizer.learning_rate
+    True
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        beta1=0.85,
+        beta2=0.85,
+        importance="sensitivity",
+        name=None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise ValueError(
+                "AdaLoRAOptimizer takes no optimizer arguments of its own "
+                f"(got {sorted(kwargs)}); set them on the inner optimizer."
+            )
+        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
+            raise ValueError(
+                "`inner_optimizer` must be a keras.optimizers.Optimizer. "
+                f"Received: inner_optimizer={inner_optimizer!r}"
+            )
+        importance_lib.validate_betas(beta1, beta2)
+        if importance not in IMPORTANCE_KINDS:
+            raise ValueError(
+                f"`importance` must be one of {IMPORTANCE_KINDS}. Received: "
+                f"importance={importance!r}"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.importance = importance
+        self.penalty_weights = {}
+        # Python flag read when the train step is traced: once the ranks are
+        # frozen the callback turns scoring off and retraces, so the final
+        # phase costs what plain LoRA costs.
+        self.scoring = True
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, var_list):
+        layers = {}
+        for variable in var_list:
+            if variable.name in _ADAPTER_NAMES:
+                layers.setdefault(layer_key(variable), {})[variable.name] = variable
+        self._adapter_layers = {
+            key: parts
+            for key, parts in layers.items()
+            if set(parts) == set(_ADAPTER_NAMES)
+        }
+        # All adapter entries share one flat pair of score buffers: the
+        # update is then a dozen fused operations per step instead of a
+        # dozen per variable (op dispatch dominates on eager torch and XLA
+        # CPU). `_slices` says where each variable's entries sit.
+        self._slices = {}
+        offset = 0
+        for parts in self._adapter_layers.values():
+            for name in _ADAPTER_NAMES:
+                variable = parts[name]
+                size = math.prod(variable.shape)
+                self._slices[variable.path] = (offset, size, tuple(variable.shape))
+                offset += size
+        if self.importance == "sensitivity":
+            shape = (offset,)
+        else:
+            shape = (len(self._adapter_layers),)
+        self._score_state = [
+            self.add_variable(
+                shape=shape, initializer="zeros", dtype="float32", name=name
+            )
+            for name in (
+                ("ipt_bar", "unc_bar")
+                if self.importance == "sensitivity"
+                else ("frobenius",)
+            )
+        ]
+        # The step of the last mask update, kept with the optimizer state so
+        # that a resumed run continues the same schedule.
+        self.last_mask_step = self.add_variable(
+            shape=(),
+            initializer=keras.initializers.Constant(-1),
+            dtype="int",
+            name="last_mask_step",
+        )
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        variables = (
+            self._trainable_variables
+            if trainable_variables is None
+            else trainable_variables
+        )
+        if self.scoring and self._adapter_layers:
+            self._update_scores(list(grads), list(variables))
+        self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _effective_gradients(self, grads, variables):
+        """The gradients the inner optimizer will actually apply this call,
+        and whether it applies them at all (gradient accumulation)."""
+        inner = self.inner_optimizer
+        steps = inner.gradient_accumulation_steps
+        if not steps:
+            return grads, None
+        # `iterations` counts updates here; `_iterations` counts batches.
+        is_update = ops.equal(ops.mod(inner._iterations + 1, steps), 0)
+        effective = []
+        for grad, variable in zip(grads, variables):
+            accumulated = inner._accumulated_gradients[
+                inner._get_variable_index(variable)
+            ]
+            effective.append((grad + accumulated) / steps)
+        return effective, is_update
+
+    def watch(self, model):
+        """Reads the orthogonality penalty weight of each adapted layer.
+
+        The penalty's gradient on `A` and `B` has a closed form; knowing the
+        weights, the scores leave it out and measure the task loss alone
+        (otherwise a layer that does nothing for the task still scores from
+        the penalty pulling its factors). `RankBudgetCallback` calls this;
+        call it yourself in a custom training loop.
+        """
+        from keras_adalora.targets import adapted_layers
+        from keras_adalora.targets import layer_path
+
+        self.penalty_weights = {
+            layer_path(layer): layer.orth_reg_weight
+            for layer in adapted_layers(model)
+        }
+
+    def _update_scores(self, grads, variables):
+        by_path = {
+            v.path: g
+            for g, v in zip(grads, variables)
+            if g is not None and v.name in _ADAPTER_NAMES
+        }
+        ordered = [
+            v
+            for parts in self._adapter_layers.values()
+            for v in (parts[name] for name in _ADAPTER_NAMES)
+        ]
+        if not all(v.path in by_path for v in ordered):
+            # Some adapter got no gradient (e.g. trained in another step):
+            # nothing consistent to score.
+            return
+        grads, is_update = self._effective_gradients(
+            [by_path[v.path] for v in ordered], ordered
+        )
+        grads = dict(zip((v.path for v in ordered), grads))
+        for key, parts in self._adapter_layers.items():
+            weight = self.penalty_weights.get(key, 0.0)
+            if weight:
+                a, b = parts[A_NAME], parts[B_NAME]
+                penalty_a, penalty_b = _penalty_gradients(a, b)
+                grads[a.path] = _float32(grads[a.path]) - weight * penalty_a
+                grads[b.path] = _float32(grads[b.path]) - weight * penalty_b
+        flat_grad = _flatten([grads[v.path] for v in ordered])
+        keep = importance_lib.is_finite(flat_grad)
+        if is_update is not None:
+            keep = ops.logical_and(keep, is_update)
+        if self.importance == "sensitivity":
+            ipt_var, unc_var = self._score_state
+            ipt, unc = importance_lib.sensitivity_update(
+                _flatten(ordered),
+                flat_grad,
+                ipt_var.value,
+                unc_var.value,
+                self.beta1,
+                self.beta2,
+            )
+            ipt_var.assign(ops.where(keep, ipt, ipt_var.value))
+            unc_var.assign(ops.where(keep, unc, unc_var.value))
+        else:
+            (score_var,) = self._score_state
+            norms = ops.stack(
+                [
+                    _delta_frobenius_norm(
+                        parts[A_NAME], parts[LAM_NAME], parts[B_NAME]
+                    )
+                    for parts in self._adapter_layers.values()
+                ]
+            )
+            new = importance_lib.frobenius_update(
+                norms, score_var.value, self.beta1
+            )
+            score_var.assign(ops.where(keep, new, score_var.value))
+
+    # Scores, read by the callback at mask steps -----------------------------
+
+    def component_scores(self, layer_path):
+        """The `(r,)` score of each component of one adapted layer.
+
+        Sensitivity: `s(lam_i) + mean_j s(A_ji) + mean_j s(B_ij)` with
+        `s = I_bar * U_bar`. Frobenius: `|lam_i|` (the layer-level score,
+        `layer_score`, decides how much rank the layer gets).
+        """
+        parts = self._adapter_layers[layer_path]
+        if self.importance == "frobenius":
+            return importance_lib.frobenius_component_scores(parts[LAM_NAME])
+        ipt_var, unc_var = self._score_state
+        scores = []
+        for name in _ADAPTER_NAMES:
+            offset, size, shape = self._slices[parts[name].path]
+            ipt = ops.reshape(ipt_var.value[offset : offset + size], shape)
+            unc = ops.reshape(unc_var.value[offset : offset + size], shape)
+            scores.append(importance_lib.element_score(ipt, unc))
+        return importance_lib.component_scores(*scores)
+
+    def layer_score(self, layer_path):
+        """One importance number per layer, for `allocation="layer"`:
+        the smoothed `||delta_W||_F` (frobenius) or the sum of the component
+        scores (sensitivity)."""
+        if self.importance == "frobenius":
+            index = list(self._adapter_layers).index(layer_path)
+            return self._score_state[0].value[index]
+        return ops.sum(self.component_scores(layer_path))
+
+    @property
+    def adapter_layer_paths(self):
+        """Paths of the adapted layers this optimizer scores."""
+        return list(self._adapter_layers)
+
+    # Delegation to the inner optimizer -------------------------------------
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @property
+    def applied_batches(self):
+        """Gradients applied so far, counting every micro-batch of gradient
+        accumulation (`iterations` counts the updates)."""
+        return self.inner_optimizer._iterations
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.saving.serialize_keras_object(
+                self.inner_optimizer
+            ),
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "importance": self.importance,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
+
+
+def _float32(x):
+    return ops.cast(ops.convert_to_tensor(x), "float32")
+
+
+def _flatten(tensors):
+    return ops.concatenate([ops.reshape(_float32(t), (-1,)) for t in tensors])
+
+
+def _penalty_gradients(a, b):
+    """Gradients of `||A^T A - I||^2 + ||B B^T - I||^2` w.r.t. `A` and `B`:
+    `4 A (A^T A - I)` and `4 (B B^T - I) B`."""
+    a, b = _float32(a), _float32(b)
+    eye = ops.eye(a.shape[-1], dtype="float32")
+    grad_a = 4.0 * ops.matmul(a, ops.matmul(ops.transpose(a), a) - eye)
+    grad_b = 4.0 * ops.matmul(ops.matmul(b, ops.transpose(b)) - eye, b)
+    return grad_a, grad_b
+
+
+def _delta_frobenius_norm(a, lam, b):
+    """`||A diag(lam) B||_F` from r x r Gram matrices, never forming the
+    d_in x d_out product: `sum_ij lam_i lam_j (A^T A)_ij (B B^T)_ij`."""
+    a = ops.convert_to_tensor(a)
+    b = ops.convert_to_tensor(b)
+    lam = ops.convert_to_tensor(lam)
+    gram = ops.matmul(ops.transpose(a), a) * ops.matmul(b, ops.transpose(b))
+    squared = ops.sum(gram * ops.expand_dims(lam, 0) * ops.expand_dims(lam, 1))
+    return ops.sqrt(ops.maximum(squared, 0.0))
