@@ -106,6 +106,7 @@ class AdaLoRAAdapter:
         init_rank, alpha, dropout, orth_reg_weight = validate_adapter_args(
             init_rank, alpha, dropout, orth_reg_weight
         )
+        self.check_dropout(dropout)
         if adapter_rank is None:
             adapter_rank = init_rank
         if (
@@ -362,6 +363,38 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
     """
 
     wrapped_class = None
+    # Whether the adapter's input can take dropout (not token ids).
+    supports_dropout = True
+
+    @classmethod
+    def check_dropout(cls, dropout):
+        if dropout and not cls.supports_dropout:
+            raise ValueError(
+                f"{cls.__name__} takes token ids as inputs, which dropout "
+                f"does not apply to: pass dropout=0. Received: "
+                f"dropout={dropout!r}"
+            )
+
+    def get_config(self):
+        return {**super().get_config(), **self._adapter_config()}
+
+    def _effective_kernel(self):
+        """`W + delta_W` in the compute dtype, for the plain layer's
+        `kernel`/`embeddings` property (read directly by some models)."""
+        if not self.built:
+            raise AttributeError(
+                "You must build the layer before accessing its kernel."
+            )
+        return ops.cast(self.merged_kernel(), self.compute_dtype)
+
+    def _add_adapter_bias_activation(self, base_output, inputs, training):
+        """Completes a Dense-like forward pass from `x @ W`."""
+        x = ops.add(base_output, self.adapter_output(inputs, training=training))
+        if self.bias is not None:
+            x = ops.add(x, self.bias)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
 
     @classmethod
     def check_wrappable(cls, layer, init_rank):
@@ -422,6 +455,7 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         """
         cls.check_wrappable(layer, init_rank)
         validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
+        cls.check_dropout(dropout)
         locked = layer._tracker.locked
         layer._tracker.unlock()
         layer.__class__ = cls
@@ -443,6 +477,7 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         outputs until it is trained.
         """
         cls.check_wrappable(layer, init_rank)
+        cls.check_dropout(dropout)
         config = layer.get_config()
         config.update(
             init_rank=init_rank,

@@ -57,11 +57,16 @@ class RankAllocator:
 
     Example:
 
+    >>> model = keras.Sequential(
+    ...     [keras.Input((8,)), keras.layers.Dense(4, name="hidden")])
+    >>> model = apply_adalora(model, init_rank=3)
     >>> optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(1e-3))
     >>> optimizer.watch(model)
     >>> optimizer.build(model.trainable_variables)
-    >>> allocator = RankAllocator(model, optimizer, target_rank=4,
+    >>> allocator = RankAllocator(model, optimizer, target_rank=1,
     ...                           tinit=100, tfinal=800, total_steps=1000)
+    >>> allocator.budget_at(100), allocator.budget_at(450), allocator.budget_at(800)
+    (3, 1, 1)
     >>> for step in range(1, 1001):  # doctest: +SKIP
     ...     grads = ...  # your loss and gradients
     ...     optimizer.apply(grads, model.trainable_variables)

@@ -70,10 +70,10 @@ def apply_adalora(
     ...     keras.Input((16,)),
     ...     keras.layers.Dense(32, activation="relu", name="hidden"),
     ...     keras.layers.Dense(3, name="head"),
-    ... ])
+    ... ], name="mlp")
     >>> model = apply_adalora(model, init_rank=4, keep_trainable=["head"])
     >>> get_rank_pattern(model)
-    {'sequential/hidden': 4}
+    {'mlp/hidden': 4}
     """
     validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
     to_adapt, to_keep = select_layers(model, target, keep_trainable)
@@ -84,7 +84,7 @@ def apply_adalora(
         classes.append(cls)
 
     for layer, cls in zip(to_adapt, classes):
-        layer_dropout = 0.0 if cls.wrapped_class.__name__ == "Embedding" else dropout
+        layer_dropout = dropout if cls.supports_dropout else 0.0
         cls.adapt_in_place(
             layer,
             init_rank=init_rank,

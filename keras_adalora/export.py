@@ -19,9 +19,10 @@ def get_rank_pattern(model):
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model = keras.Sequential(
+    ...     [keras.Input((8,)), keras.layers.Dense(4, name="hidden")], name="mlp")
     >>> get_rank_pattern(apply_adalora(model, init_rank=2))
-    {'sequential/dense': 2}
+    {'mlp/hidden': 2}
     """
     return {layer_path(layer): layer.active_rank for layer in adapted_layers(model)}
 
@@ -51,8 +52,8 @@ def compact_adalora(model):
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     >>> model = apply_adalora(model, init_rank=3)
     >>> layer = model.layers[0]
-    >>> layer.rank_mask.assign([1.0, 0.0, 1.0])
-    >>> compact_adalora(model).layers[0].adalora_lam.shape
+    >>> _ = layer.rank_mask.assign([1.0, 0.0, 1.0])
+    >>> tuple(compact_adalora(model).layers[0].adalora_lam.shape)
     (2,)
     """
     layers = _require_adapted(model, "compact_adalora")

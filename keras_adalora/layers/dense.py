@@ -45,7 +45,7 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
 
     >>> layer = AdaLoRADense(16, init_rank=4, activation="relu")
     >>> y = layer(np.ones((2, 8)))
-    >>> y.shape, layer.active_rank
+    >>> tuple(y.shape), layer.active_rank
     ((2, 16), 4)
     """
 
@@ -92,20 +92,9 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
     @property
     def kernel(self):
         """The effective kernel `W + delta_W` (a tensor, not a variable)."""
-        if not self.built:
-            raise AttributeError(
-                "You must build the layer before accessing `kernel`."
-            )
-        return ops.cast(self.merged_kernel(), self.compute_dtype)
+        return self._effective_kernel()
 
     def call(self, inputs, training=None):
-        x = ops.matmul(inputs, self._kernel)
-        x = ops.add(x, self.adapter_output(inputs, training=training))
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
-    def get_config(self):
-        return {**super().get_config(), **self._adapter_config()}
+        return self._add_adapter_bias_activation(
+            ops.matmul(inputs, self._kernel), inputs, training
+        )

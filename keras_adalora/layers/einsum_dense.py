@@ -137,7 +137,7 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
     >>> layer = AdaLoRAEinsumDense(
     ...     "btnh,nhd->btd", output_shape=(None, 16), init_rank=8)
     >>> y = layer(np.ones((2, 5, 4, 3)))
-    >>> y.shape, layer.delta_matrix().shape
+    >>> tuple(y.shape), tuple(layer.delta_matrix().shape)
     ((2, 5, 16), (12, 16))
     """
 
@@ -195,20 +195,9 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
     @property
     def kernel(self):
         """The effective kernel `W + delta_W` (a tensor, not a variable)."""
-        if not self.built:
-            raise AttributeError(
-                "You must build the layer before accessing `kernel`."
-            )
-        return ops.cast(self.merged_kernel(), self.compute_dtype)
+        return self._effective_kernel()
 
     def call(self, inputs, training=None):
-        x = ops.einsum(self.equation, inputs, self._kernel)
-        x = ops.add(x, self.adapter_output(inputs, training=training))
-        if self.bias is not None:
-            x = ops.add(x, self.bias)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
-
-    def get_config(self):
-        return {**super().get_config(), **self._adapter_config()}
+        return self._add_adapter_bias_activation(
+            ops.einsum(self.equation, inputs, self._kernel), inputs, training
+        )

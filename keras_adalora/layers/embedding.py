@@ -33,11 +33,12 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
     Example:
 
     >>> layer = AdaLoRAEmbedding(100, 16, init_rank=4)
-    >>> layer(np.array([[1, 2, 3]])).shape
+    >>> tuple(layer(np.array([[1, 2, 3]])).shape)
     (1, 3, 16)
     """
 
     wrapped_class = keras.layers.Embedding
+    supports_dropout = False
 
     def __init__(
         self,
@@ -50,26 +51,9 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
         adapter_rank=None,
         **kwargs,
     ):
-        _check_no_dropout(dropout)
         super().__init__(input_dim, output_dim, **kwargs)
         self._init_adapter(
             init_rank, alpha, dropout, orth_reg_weight, adapter_rank
-        )
-
-    @classmethod
-    def adapt_in_place(cls, layer, init_rank=12, alpha=None, dropout=0.0,
-                       orth_reg_weight=0.1):
-        _check_no_dropout(dropout)
-        return super().adapt_in_place(
-            layer, init_rank, alpha, dropout, orth_reg_weight
-        )
-
-    @classmethod
-    def from_layer(cls, layer, init_rank=12, alpha=None, dropout=0.0,
-                   orth_reg_weight=0.1):
-        _check_no_dropout(dropout)
-        return super().from_layer(
-            layer, init_rank, alpha, dropout, orth_reg_weight
         )
 
     def build(self, input_shape=None):
@@ -100,11 +84,7 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
     @property
     def embeddings(self):
         """The effective table `E + delta_E` (a tensor, not a variable)."""
-        if not self.built:
-            raise AttributeError(
-                "You must build the layer before accessing `embeddings`."
-            )
-        return ops.cast(self.merged_kernel(), self.compute_dtype)
+        return self._effective_kernel()
 
     def call(self, inputs, training=None):
         if backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
@@ -113,14 +93,3 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
             ops.take(self._embeddings, inputs, axis=0), self.compute_dtype
         )
         return ops.add(outputs, self.adapter_output(inputs, training=training))
-
-    def get_config(self):
-        return {**super().get_config(), **self._adapter_config()}
-
-
-def _check_no_dropout(dropout):
-    if dropout:
-        raise ValueError(
-            "AdaLoRAEmbedding takes token ids as inputs, which dropout does "
-            f"not apply to: pass dropout=0. Received: dropout={dropout!r}"
-        )
