@@ -39,10 +39,35 @@ def reset_compiled_state(model):
     if optimizer is not None and optimizer.built:
         fresh = optimizer.__class__.from_config(optimizer.get_config())
         fresh.build(model.trainable_variables)
-        fresh.iterations.assign(optimizer.iterations)
+        _innermost(fresh)._iterations.assign(_innermost(optimizer)._iterations)
+        old_scorer, new_scorer = _scorer(optimizer), _scorer(fresh)
+        if old_scorer is not None:
+            # The schedule's position survives; the scores restart.
+            new_scorer.last_mask_step.assign(old_scorer.last_mask_step)
         model.optimizer = fresh
         if getattr(model, "_compile_config", None) is not None:
             model._compile_config.config["optimizer"] = fresh
     model._compiled_trainable_state = {
         layer: layer.trainable for layer in model._flatten_layers()
     }
+
+
+def _chain(optimizer):
+    """`optimizer` and the optimizers it wraps (`inner_optimizer`), outer
+    first: a LossScaleOptimizer, an AdaLoRAOptimizer, the user's optimizer."""
+    while optimizer is not None:
+        yield optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+
+
+def _innermost(optimizer):
+    """The optimizer that owns the step counter of a wrapped chain."""
+    return list(_chain(optimizer))[-1]
+
+
+def _scorer(optimizer):
+    from keras_adalora.optimizer import AdaLoRAOptimizer
+
+    return next(
+        (o for o in _chain(optimizer) if isinstance(o, AdaLoRAOptimizer)), None
+    )

@@ -8,6 +8,7 @@ from helpers import to_numpy
 from keras_adalora import AdaLoRAOptimizer
 from keras_adalora import RankBudgetCallback
 from keras_adalora import apply_adalora
+from keras_adalora import compact_adalora
 from keras_adalora import get_rank_pattern
 from keras_adalora.targets import adapted_layers
 
@@ -342,3 +343,20 @@ def test_max_rank_caps_the_budget_while_pruning():
     assert log.budget[9] == 12 and log.rank[9] == 12
     assert max(get_rank_pattern(model).values()) <= 3
     assert sum(get_rank_pattern(model).values()) == 8
+
+
+def test_compacting_mid_schedule_keeps_the_schedule_and_trains_on(tmp_path):
+    optimizer = keras.optimizers.Adam(0.01, gradient_accumulation_steps=2)
+    model = compile_model(two_branch_model(), optimizer=optimizer)
+    kwargs = dict(target_rank=1, tinit=4, tfinal=16, delta_t=2, total_steps=32)
+    data = regression_data()
+    model.fit(*data, batch_size=8, epochs=4, verbose=0, callbacks=[RankBudgetCallback(**kwargs)])
+    assert sum(get_rank_pattern(model).values()) == 4
+    compact_adalora(model)
+    assert int(to_numpy(model.optimizer.iterations)) == 16
+    assert int(to_numpy(model.optimizer.last_mask_step)) >= 16
+    model.fit(*data, batch_size=8, epochs=4, verbose=0, callbacks=[RankBudgetCallback(**kwargs)])
+    assert int(to_numpy(model.optimizer.iterations)) == 32
+    assert sum(get_rank_pattern(model).values()) == 4
+    model.save(tmp_path / "compacted.keras")
+    keras.saving.load_model(tmp_path / "compacted.keras")
