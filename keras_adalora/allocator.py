@@ -241,19 +241,12 @@ class RankAllocator:
         if not self.due(step):
             return False
         budget = self.budget_at(step)
-        scores = [
-            ops.convert_to_numpy(self.optimizer.component_scores(path))
-            for path in self.paths
-        ]
+        scores, layer_scores = self.optimizer.scores_on_host(self.paths)
         if self.allocation == "global":
             masks = allocation_lib.allocate_global(
                 scores, budget, min_rank=self.min_rank, max_rank=self.max_rank
             )
         else:
-            layer_scores = [
-                float(ops.convert_to_numpy(self.optimizer.layer_score(path)))
-                for path in self.paths
-            ]
             masks = allocation_lib.allocate_by_layer(
                 layer_scores,
                 scores,

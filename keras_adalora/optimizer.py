@@ -15,6 +15,7 @@ the optimizer (`model.save`, `BackupAndRestore`, checkpoints).
 import math
 
 import keras
+import numpy as np
 from keras import ops
 from keras.src.utils import tracking
 
@@ -118,14 +119,17 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         # update is then a dozen fused operations per step instead of a
         # dozen per variable (op dispatch dominates on eager torch and XLA
         # CPU). `_slices` says where each variable's entries sit.
+        self._ordered = [
+            parts[name]
+            for parts in self._adapter_layers.values()
+            for name in _ADAPTER_NAMES
+        ]
         self._slices = {}
         offset = 0
-        for parts in self._adapter_layers.values():
-            for name in _ADAPTER_NAMES:
-                variable = parts[name]
-                size = math.prod(variable.shape)
-                self._slices[variable.path] = (offset, size, tuple(variable.shape))
-                offset += size
+        for variable in self._ordered:
+            size = math.prod(variable.shape)
+            self._slices[variable.path] = (offset, size, tuple(variable.shape))
+            offset += size
         if self.importance == "sensitivity":
             shape = (offset,)
         else:
@@ -209,11 +213,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             for g, v in zip(grads, variables)
             if g is not None and v.name in _ADAPTER_NAMES
         }
-        ordered = [
-            v
-            for parts in self._adapter_layers.values()
-            for v in (parts[name] for name in _ADAPTER_NAMES)
-        ]
+        ordered = self._ordered
         if not all(v.path in by_path for v in ordered):
             # Some adapter got no gradient (e.g. trained in another step):
             # nothing consistent to score.
@@ -221,15 +221,17 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         grads, is_update = self._effective_gradients(
             [by_path[v.path] for v in ordered], ordered
         )
-        grads = dict(zip((v.path for v in ordered), grads))
-        for key, parts in self._adapter_layers.items():
-            weight = self.penalty_weights.get(key, 0.0)
-            if weight:
-                a, b = parts[A_NAME], parts[B_NAME]
-                penalty_a, penalty_b = _penalty_gradients(a, b)
-                grads[a.path] = _float32(grads[a.path]) - weight * penalty_a
-                grads[b.path] = _float32(grads[b.path]) - weight * penalty_b
-        flat_grad = _flatten([grads[v.path] for v in ordered])
+        if self.importance == "sensitivity":
+            grads = dict(zip((v.path for v in ordered), grads))
+            for key, parts in self._adapter_layers.items():
+                weight = self.penalty_weights.get(key, 0.0)
+                if weight:
+                    a, b = parts[A_NAME], parts[B_NAME]
+                    penalty_a, penalty_b = _penalty_gradients(a, b, weight)
+                    grads[a.path] = _float32(grads[a.path]) - penalty_a
+                    grads[b.path] = _float32(grads[b.path]) - penalty_b
+            grads = [grads[v.path] for v in ordered]
+        flat_grad = _flatten(grads)
         keep = importance_lib.is_finite(flat_grad)
         if is_update is not None:
             keep = ops.logical_and(keep, is_update)
@@ -290,6 +292,43 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             return self._score_state[0].value[index]
         return ops.sum(self.component_scores(layer_path))
 
+    def scores_on_host(self, layer_paths):
+        """Component and layer scores of many layers as NumPy arrays.
+
+        The same numbers as `component_scores` and `layer_score`, computed on
+        the host from one read of each score buffer: the allocator calls this
+        at every mask step, where one small device op per layer (a slice, a
+        mean, ...) would cost more than the allocation itself.
+
+        Returns:
+            `(component_scores, layer_scores)`: a list of `(r,)` arrays and a
+            list of floats, in the order of `layer_paths`.
+        """
+        if self.importance == "frobenius":
+            norms = ops.convert_to_numpy(self._score_state[0].value)
+            keys = list(self._adapter_layers)
+            components = [
+                np.abs(
+                    ops.convert_to_numpy(self._adapter_layers[p][LAM_NAME].value)
+                )
+                for p in layer_paths
+            ]
+            return components, [float(norms[keys.index(p)]) for p in layer_paths]
+        ipt, unc = (ops.convert_to_numpy(v.value) for v in self._score_state)
+        entry_scores = ipt * unc  # s = I_bar * U_bar (SPEC.md section 3)
+        components = []
+        for path in layer_paths:
+            a, lam, b = (
+                entry_scores[offset : offset + size].reshape(shape)
+                for offset, size, shape in (
+                    self._slices[self._adapter_layers[path][name].path]
+                    for name in _ADAPTER_NAMES
+                )
+            )
+            # s(lam_i) + mean_j s(A_ji) + mean_j s(B_ij), as component_scores.
+            components.append(lam + a.mean(axis=0) + b.mean(axis=1))
+        return components, [float(c.sum()) for c in components]
+
     @property
     def adapter_layer_paths(self):
         """Paths of the adapted layers this optimizer scores."""
@@ -342,21 +381,24 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
 
 def _float32(x):
-    return ops.cast(ops.convert_to_tensor(x), "float32")
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) == "float32":
+        return x  # an op fewer per tensor: dispatch is the cost here
+    return ops.cast(x, "float32")
 
 
 def _flatten(tensors):
     return ops.concatenate([ops.reshape(_float32(t), (-1,)) for t in tensors])
 
 
-def _penalty_gradients(a, b):
-    """Gradients of `||A^T A - I||^2 + ||B B^T - I||^2` w.r.t. `A` and `B`:
-    `4 A (A^T A - I)` and `4 (B B^T - I) B`."""
+def _penalty_gradients(a, b, weight):
+    """Gradients of `weight * (||A^T A - I||^2 + ||B B^T - I||^2)` w.r.t.
+    `A` and `B`: `4 weight A (A^T A - I)` and `4 weight (B B^T - I) B`,
+    written as `A (A^T A) - A` to save the identity matrix."""
     a, b = _float32(a), _float32(b)
-    eye = ops.eye(a.shape[-1], dtype="float32")
-    grad_a = 4.0 * ops.matmul(a, ops.matmul(ops.transpose(a), a) - eye)
-    grad_b = 4.0 * ops.matmul(ops.matmul(b, ops.transpose(b)) - eye, b)
-    return grad_a, grad_b
+    grad_a = ops.matmul(a, ops.matmul(ops.transpose(a), a)) - a
+    grad_b = ops.matmul(ops.matmul(b, ops.transpose(b)), b) - b
+    return 4.0 * weight * grad_a, 4.0 * weight * grad_b
 
 
 def _delta_frobenius_norm(a, lam, b):

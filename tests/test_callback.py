@@ -360,3 +360,18 @@ def test_compacting_mid_schedule_keeps_the_schedule_and_trains_on(tmp_path):
     assert sum(get_rank_pattern(model).values()) == 4
     model.save(tmp_path / "compacted.keras")
     keras.saving.load_model(tmp_path / "compacted.keras")
+
+
+@pytest.mark.parametrize("importance", ["sensitivity", "frobenius"])
+def test_host_scores_equal_the_in_graph_scores(importance):
+    model = compile_model(two_branch_model())
+    callback = RankBudgetCallback(
+        target_rank=2, tinit=8, tfinal=40, delta_t=4, total_steps=48, importance=importance
+    )
+    model.fit(*regression_data(), batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+    optimizer = model.optimizer
+    paths = optimizer.adapter_layer_paths
+    components, layer_scores = optimizer.scores_on_host(paths)
+    for path, on_host, total in zip(paths, components, layer_scores):
+        np.testing.assert_allclose(on_host, to_numpy(optimizer.component_scores(path)), rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(total, float(to_numpy(optimizer.layer_score(path))), rtol=1e-5, atol=1e-12)
