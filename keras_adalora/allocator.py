@@ -9,7 +9,7 @@ from keras import ops
 
 from keras_adalora import allocation as allocation_lib
 from keras_adalora import schedule
-from keras_adalora.targets import adapted_layers
+from keras_adalora.targets import require_adapted_layers
 from keras_adalora.targets import layer_path
 
 ALLOCATION_KINDS = ("global", "layer")
@@ -30,6 +30,39 @@ def check_int(value, name, minimum, allow_none=False):
             f"`{name}` must be >= {minimum}. Received: {name}={value}"
         )
     return value
+
+
+def validate_budget_args(
+    *, target_rank, init_rank, allocation, min_rank, max_rank, total_rank
+):
+    """Checks the budget arguments that need no model; returns them.
+
+    Raises:
+        ValueError: naming the argument: a non-integer or out-of-range rank,
+            `target_rank > init_rank`, `min_rank > max_rank`, or an unknown
+            `allocation`.
+    """
+    target_rank = check_int(target_rank, "target_rank", 1)
+    init_rank = check_int(init_rank, "init_rank", 1, allow_none=True)
+    if init_rank is not None and target_rank > init_rank:
+        raise ValueError(
+            f"`target_rank`={target_rank} is above `init_rank`={init_rank}: "
+            "pruning can only lower ranks. Lower target_rank or raise "
+            "init_rank."
+        )
+    min_rank = check_int(min_rank, "min_rank", 0)
+    max_rank = check_int(max_rank, "max_rank", 1, allow_none=True)
+    if max_rank is not None and min_rank > max_rank:
+        raise ValueError(
+            f"`min_rank`={min_rank} is above `max_rank`={max_rank}."
+        )
+    total_rank = check_int(total_rank, "total_rank", 1, allow_none=True)
+    if allocation not in ALLOCATION_KINDS:
+        raise ValueError(
+            f"`allocation` must be one of {ALLOCATION_KINDS}. "
+            f"Received: allocation={allocation!r}"
+        )
+    return target_rank, init_rank, allocation, min_rank, max_rank, total_rank
 
 
 class RankAllocator:
@@ -107,11 +140,11 @@ class RankAllocator:
         self.sync_state()
 
     @classmethod
-    def for_model(cls, model, **budget):
+    def for_model(cls, model, caller="RankAllocator", **budget):
         """An allocator with its budget checked against `model`, before any
         optimizer or schedule is known (what a callback can do at setup)."""
         allocator = cls.__new__(cls)
-        allocator.configure_budget(model, **budget)
+        allocator.configure_budget(model, caller=caller, **budget)
         return allocator
 
     def configure_budget(
@@ -124,24 +157,25 @@ class RankAllocator:
         min_rank,
         max_rank,
         total_rank,
+        caller="RankAllocator",
     ):
         """Checks the budget arguments against `model`'s adapters."""
-        target_rank = check_int(target_rank, "target_rank", 1)
-        init_rank = check_int(init_rank, "init_rank", 1, allow_none=True)
-        min_rank = check_int(min_rank, "min_rank", 0)
-        max_rank = check_int(max_rank, "max_rank", 1, allow_none=True)
-        total_rank = check_int(total_rank, "total_rank", 1, allow_none=True)
-        if allocation not in ALLOCATION_KINDS:
-            raise ValueError(
-                f"`allocation` must be one of {ALLOCATION_KINDS}. "
-                f"Received: allocation={allocation!r}"
-            )
-        layers = adapted_layers(model)
-        if not layers:
-            raise ValueError(
-                f"Found no AdaLoRA layer in model '{model.name}'. Adapt it "
-                "first with `keras_adalora.apply_adalora(model, ...)`."
-            )
+        (
+            target_rank,
+            init_rank,
+            allocation,
+            min_rank,
+            max_rank,
+            total_rank,
+        ) = validate_budget_args(
+            target_rank=target_rank,
+            init_rank=init_rank,
+            allocation=allocation,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            total_rank=total_rank,
+        )
+        layers = require_adapted_layers(model, caller)
         capacities = [layer.adapter_rank for layer in layers]
         if init_rank is None:
             layer_init = max(layer.init_rank for layer in layers)

@@ -5,9 +5,9 @@ from keras import ops
 
 from keras_adalora import importance as importance_lib
 from keras_adalora import schedule
-from keras_adalora.allocator import ALLOCATION_KINDS
 from keras_adalora.allocator import RankAllocator
 from keras_adalora.allocator import check_int
+from keras_adalora.allocator import validate_budget_args
 from keras_adalora.optimizer import IMPORTANCE_KINDS
 from keras_adalora.optimizer import AdaLoRAOptimizer
 
@@ -94,39 +94,31 @@ class RankBudgetCallback(keras.callbacks.Callback):
         total_rank=None,
     ):
         super().__init__()
-        self.target_rank = check_int(target_rank, "target_rank", 1)
-        self.init_rank = check_int(init_rank, "init_rank", 1, allow_none=True)
-        if self.init_rank is not None and self.target_rank > self.init_rank:
-            raise ValueError(
-                f"`target_rank`={target_rank} is above `init_rank`="
-                f"{init_rank}: pruning can only lower ranks. Lower "
-                "target_rank or raise init_rank."
-            )
+        (
+            self.target_rank,
+            self.init_rank,
+            self.allocation,
+            self.min_rank,
+            self.max_rank,
+            self.total_rank,
+        ) = validate_budget_args(
+            target_rank=target_rank,
+            init_rank=init_rank,
+            allocation=allocation,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            total_rank=total_rank,
+        )
         self.total_steps = check_int(
             total_steps, "total_steps", 1, allow_none=True
         )
         self.delta_t = check_int(delta_t, "delta_t", 1)
-        self.min_rank = check_int(min_rank, "min_rank", 0)
-        self.max_rank = check_int(max_rank, "max_rank", 1, allow_none=True)
-        if self.max_rank is not None and self.min_rank > self.max_rank:
-            raise ValueError(
-                f"`min_rank`={min_rank} is above `max_rank`={max_rank}."
-            )
-        self.total_rank = check_int(
-            total_rank, "total_rank", 1, allow_none=True
-        )
         if importance not in IMPORTANCE_KINDS:
             raise ValueError(
                 f"`importance` must be one of {IMPORTANCE_KINDS}. "
                 f"Received: importance={importance!r}"
             )
-        if allocation not in ALLOCATION_KINDS:
-            raise ValueError(
-                f"`allocation` must be one of {ALLOCATION_KINDS}. "
-                f"Received: allocation={allocation!r}"
-            )
         self.importance = importance
-        self.allocation = allocation
         importance_lib.validate_betas(beta1, beta2)
         self.beta1 = beta1
         self.beta2 = beta2
@@ -151,6 +143,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         super().set_model(model)
         self._allocator = RankAllocator.for_model(
             model,
+            caller="RankBudgetCallback",
             target_rank=self.target_rank,
             init_rank=self.init_rank,
             allocation=self.allocation,

@@ -3,6 +3,7 @@
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
 from keras_adalora.targets import adapted_layers
+from keras_adalora.targets import require_adapted_layers
 from keras_adalora.targets import layer_path
 
 
@@ -56,7 +57,7 @@ def compact_adalora(model):
     >>> tuple(compact_adalora(model).layers[0].adalora_lam.shape)
     (2,)
     """
-    layers = _require_adapted(model, "compact_adalora")
+    layers = require_adapted_layers(model, "compact_adalora")
     removed = sum(layer._compact_adapter() for layer in layers)
     if removed:
         refresh_tracked_parameters(model)
@@ -89,19 +90,9 @@ def merge_adalora(model):
     >>> type(model.layers[0]).__name__
     'Dense'
     """
-    layers = _require_adapted(model, "merge_adalora")
+    layers = require_adapted_layers(model, "merge_adalora")
     for layer in layers:
         layer.revert_in_place()
     refresh_tracked_parameters(model)
     reset_compiled_state(model)
     return model
-
-
-def _require_adapted(model, function):
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError(
-            f"`{function}` found no AdaLoRA layer in model "
-            f"'{model.name}'. Adapt it first with `apply_adalora`."
-        )
-    return layers

@@ -264,41 +264,16 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
     # Scores, read by the callback at mask steps -----------------------------
 
-    def component_scores(self, layer_path):
-        """The `(r,)` score of each component of one adapted layer.
-
-        Sensitivity: `s(lam_i) + mean_j s(A_ji) + mean_j s(B_ij)` with
-        `s = I_bar * U_bar`. Frobenius: `|lam_i|` (the layer-level score,
-        `layer_score`, decides how much rank the layer gets).
-        """
-        parts = self._adapter_layers[layer_path]
-        if self.importance == "frobenius":
-            return importance_lib.frobenius_component_scores(parts[LAM_NAME])
-        ipt_var, unc_var = self._score_state
-        scores = []
-        for name in _ADAPTER_NAMES:
-            offset, size, shape = self._slices[parts[name].path]
-            ipt = ops.reshape(ipt_var.value[offset : offset + size], shape)
-            unc = ops.reshape(unc_var.value[offset : offset + size], shape)
-            scores.append(importance_lib.element_score(ipt, unc))
-        return importance_lib.component_scores(*scores)
-
-    def layer_score(self, layer_path):
-        """One importance number per layer, for `allocation="layer"`:
-        the smoothed `||delta_W||_F` (frobenius) or the sum of the component
-        scores (sensitivity)."""
-        if self.importance == "frobenius":
-            index = list(self._adapter_layers).index(layer_path)
-            return self._score_state[0].value[index]
-        return ops.sum(self.component_scores(layer_path))
-
     def scores_on_host(self, layer_paths):
         """Component and layer scores of many layers as NumPy arrays.
 
-        The same numbers as `component_scores` and `layer_score`, computed on
-        the host from one read of each score buffer: the allocator calls this
-        at every mask step, where one small device op per layer (a slice, a
-        mean, ...) would cost more than the allocation itself.
+        Sensitivity: component `i` scores `s(lam_i) + mean_j s(A_ji) +
+        mean_j s(B_ij)` with `s = I_bar * U_bar` (`importance.element_score`
+        and `importance.component_scores`), a layer the sum of its
+        components. Frobenius: components score `|lam_i|`, a layer its
+        smoothed `||delta_W||_F`. Computed on the host from one read of each
+        score buffer: the allocator calls this at every mask step, where one
+        small device op per layer would cost more than the allocation.
 
         Returns:
             `(component_scores, layer_scores)`: a list of `(r,)` arrays and a
@@ -325,7 +300,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                     for name in _ADAPTER_NAMES
                 )
             )
-            # s(lam_i) + mean_j s(A_ji) + mean_j s(B_ij), as component_scores.
+            # importance.component_scores, in NumPy.
             components.append(lam + a.mean(axis=0) + b.mean(axis=1))
         return components, [float(c.sum()) for c in components]
 

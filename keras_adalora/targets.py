@@ -37,6 +37,17 @@ def adapted_layers(model):
     ]
 
 
+def require_adapted_layers(model, caller):
+    """`adapted_layers(model)`, or a `ValueError` naming `caller` if none."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError(
+            f"`{caller}` found no AdaLoRA layer in model '{model.name}'. "
+            "Adapt it first with `keras_adalora.apply_adalora(model, ...)`."
+        )
+    return layers
+
+
 def _as_predicate(spec, argument):
     """A `layer -> bool` from None, a regex, a list of regexes or a callable."""
     if callable(spec):
