@@ -15,7 +15,12 @@ def _doctest_names(doctest_namespace):
     from keras_adalora import get_rank_pattern
 
     keras.utils.set_random_seed(0)
+    try:
+        import keras_hub
+    except ImportError:  # an optional extra; its examples then fail loudly
+        keras_hub = None
     doctest_namespace.update(
+        keras_hub=keras_hub,
         np=np,
         keras=keras,
         ops=keras.ops,

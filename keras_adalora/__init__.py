@@ -10,6 +10,10 @@ from keras_adalora.layers import AdaLoRADense
 from keras_adalora.layers import AdaLoRAEinsumDense
 from keras_adalora.layers import AdaLoRAEmbedding
 from keras_adalora.optimizer import AdaLoRAOptimizer
+from keras_adalora.plotting import plot_rank_allocation
+from keras_adalora.saving import load_adapter
+from keras_adalora.saving import save_adapter
+from keras_adalora.summary import summary
 
 __version__ = "0.1.0"
 
@@ -23,5 +27,9 @@ __all__ = [
     "apply_adalora",
     "compact_adalora",
     "get_rank_pattern",
+    "load_adapter",
     "merge_adalora",
+    "plot_rank_allocation",
+    "save_adapter",
+    "summary",
 ]

@@ -445,13 +445,22 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
 
     @classmethod
     def adapt_in_place(
-        cls, layer, init_rank=12, alpha=None, dropout=0.0, orth_reg_weight=0.1
+        cls,
+        layer,
+        init_rank=12,
+        alpha=None,
+        dropout=0.0,
+        orth_reg_weight=0.1,
+        adapter_rank=None,
+        initial_values=None,
     ):
         """Turns a built plain layer into an adapted one, keeping the object.
 
         The layer keeps its name, path, weights and place in the model; its
         kernel and bias become frozen and the adapter starts at `lam = 0`, so
-        its outputs do not change.
+        its outputs do not change. `adapter_rank` and `initial_values` (a
+        dict from adapter weight name to array, checked by the caller) give
+        the adapter saved values instead, as `load_adapter` does.
         """
         cls.check_wrappable(layer, init_rank)
         validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
@@ -459,9 +468,11 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         locked = layer._tracker.locked
         layer._tracker.unlock()
         layer.__class__ = cls
-        layer._init_adapter(init_rank, alpha, dropout, orth_reg_weight)
+        layer._init_adapter(
+            init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+        )
         layer._freeze_base_weights()
-        layer._build_adapter()
+        layer._build_adapter(initial_values=initial_values)
         if locked:
             layer._tracker.lock()
         return layer

@@ -44,16 +44,27 @@ def apply_adalora(
         alpha: scale numerator; each adapter is multiplied by
             `alpha / init_rank`. Defaults to `init_rank` (a scale of 1).
         target: which layers to adapt. `None`: every plain `Dense` and
-            `EinsumDense`. A regular expression or a list of them: the
-            `Dense`, `EinsumDense` and `Embedding` layers whose `layer.path`
-            contains a match (`re.search`). A callable `layer -> bool`: the
-            layers it accepts (each must be a kind AdaLoRA adapts).
+            `EinsumDense`. `"attention"`: the query, key, value and output
+            projections of every attention layer; `"ffn"`: the feed-forward
+            projections of every transformer block; `"all"`: both (these
+            names find the layers from the model's structure, so they work
+            on any KerasHub transformer). A regular expression or a list of
+            them (named sets may be mixed in): the `Dense`, `EinsumDense`
+            and `Embedding` layers whose `layer.path` contains a match
+            (`re.search`), so KerasHub's `enable_lora` names work too:
+            `target=backbone.default_lora_layer_names()`. A callable
+            `layer -> bool`: the layers it accepts (each must be a kind
+            AdaLoRA adapts).
         orth_reg_weight: weight of the orthogonality penalty each adapted
             layer adds to the model's losses during training; `0` disables it.
         dropout: dropout rate on the adapters' inputs (not applied to
             `Embedding` layers, whose inputs are token ids).
         keep_trainable: layers that keep training fully instead of being
-            frozen or adapted, chosen like `target` (regexes or a callable).
+            frozen or adapted, chosen like `target` (regexes, named sets or
+            a callable). `None` (the default) keeps a KerasHub task's head
+            trainable (its layers with weights outside the backbone, such as
+            `BertTextClassifier`'s `logits`) and nothing in other models;
+            `[]` keeps nothing.
 
     Returns:
         `model`, adapted in place.
@@ -74,6 +85,19 @@ def apply_adalora(
     >>> model = apply_adalora(model, init_rank=4, keep_trainable=["head"])
     >>> get_rank_pattern(model)
     {'mlp/hidden': 4}
+
+    On a KerasHub model, adapt the transformer blocks by role; the task
+    head stays trainable:
+
+    >>> backbone = keras_hub.models.BertBackbone(
+    ...     vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, max_sequence_length=8)
+    >>> classifier = keras_hub.models.BertTextClassifier(
+    ...     backbone, num_classes=2, preprocessor=None)
+    >>> classifier = apply_adalora(
+    ...     classifier, init_rank=4, target="all")
+    >>> len(get_rank_pattern(classifier))
+    12
     """
     validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
     to_adapt, to_keep = select_layers(model, target, keep_trainable)
@@ -92,13 +116,13 @@ def apply_adalora(
             dropout=layer_dropout,
             orth_reg_weight=orth_reg_weight,
         )
-    _freeze_all_but(model, to_adapt + to_keep)
+    freeze_all_but(model, to_adapt + to_keep)
     refresh_tracked_parameters(model)
     reset_compiled_state(model)
     return model
 
 
-def _freeze_all_but(model, trainable_layers):
+def freeze_all_but(model, trainable_layers):
     """Freezes every weight of `model` outside `trainable_layers`.
 
     A layer that contains none of them is frozen as a whole

@@ -136,6 +136,16 @@ class RankBudgetCallback(keras.callbacks.Callback):
         self.tinit = tinit
         self.tfinal = tfinal
         self._installed = None
+        self._allocator = None
+
+    @property
+    def target_budget(self):
+        """The final budget `BT` in rank-1 components (`target_rank` times
+        the number of adapted layers, or `total_rank`); `None` until the
+        callback is set on a model (by `fit`)."""
+        if self._allocator is None:
+            return None
+        return self._allocator.target_budget
 
     # Setup ----------------------------------------------------------------
 

@@ -17,6 +17,16 @@ ADAPTER_FOR = {
 }
 # What `target=None` adapts (SPEC.md section 6).
 DEFAULT_KINDS = (keras.layers.Dense, keras.layers.EinsumDense)
+# Names `target` understands besides regular expressions (see
+# `select_layers`): the projections of transformer blocks, found from the
+# model's structure, so they work for every KerasHub family.
+NAMED_TARGETS = {
+    "attention": "the query, key, value and output projections inside "
+    "attention layers",
+    "ffn": "the feed-forward projections of transformer blocks (the Dense "
+    "and EinsumDense layers beside an attention layer)",
+    "all": "'attention' and 'ffn' together",
+}
 
 
 def layer_path(layer):
@@ -48,8 +58,44 @@ def require_adapted_layers(model, caller):
     return layers
 
 
-def _as_predicate(spec, argument):
-    """A `layer -> bool` from None, a regex, a list of regexes or a callable."""
+def is_attention_layer(layer):
+    """Whether `layer` is an attention layer: a `MultiHeadAttention` (KerasHub
+    BERT, GPT-2, ...) or a layer class named `...Attention` (KerasHub's Gemma,
+    Llama, Mistral, ... attention layers)."""
+    return isinstance(layer, keras.layers.MultiHeadAttention) or (
+        type(layer).__name__.endswith("Attention")
+    )
+
+
+def projection_roles(model):
+    """`{id(layer): "attention" | "ffn"}` for the transformer projections.
+
+    A projection is a `Dense`, `EinsumDense` or `Embedding` layer (any
+    subclass). It is an attention projection when some layer above it is an
+    attention layer (`is_attention_layer`), a feed-forward projection when
+    it is not but its direct parent also holds an attention layer (the
+    block's MLP). Other layers (embeddings, poolers, heads) get no role.
+    """
+    roles = {}
+
+    def visit(layer, in_attention):
+        children = list(layer._flatten_layers(include_self=False, recursive=False))
+        block = any(is_attention_layer(child) for child in children)
+        for child in children:
+            if isinstance(child, tuple(ADAPTER_FOR)):
+                if in_attention:
+                    roles[id(child)] = "attention"
+                elif block:
+                    roles[id(child)] = "ffn"
+            visit(child, in_attention or is_attention_layer(child))
+
+    visit(model, is_attention_layer(model))
+    return roles
+
+
+def _as_predicate(spec, argument, model=None):
+    """A `layer -> bool` from a regex, a named target, a list of those, or a
+    callable."""
     if callable(spec):
         return spec
     if isinstance(spec, str):
@@ -62,14 +108,49 @@ def _as_predicate(spec, argument):
             "regular expressions (searched in `layer.path`) or a callable "
             f"`layer -> bool`. Received: {argument}={spec!r}"
         )
+    named = [p for p in spec if model is not None and p in NAMED_TARGETS]
     try:
-        patterns = [re.compile(p) for p in spec]
+        patterns = [re.compile(p) for p in spec if p not in named]
     except re.error as error:
         raise ValueError(
             f"`{argument}` holds an invalid regular expression: {error}. "
             f"Received: {argument}={spec!r}"
         ) from None
-    return lambda layer: any(p.search(layer_path(layer)) for p in patterns)
+    roles = {}
+    if named:
+        wanted = set()
+        for name in named:
+            wanted.update(("attention", "ffn") if name == "all" else (name,))
+        roles = {
+            key: role
+            for key, role in projection_roles(model).items()
+            if role in wanted
+        }
+    return lambda layer: id(layer) in roles or any(
+        p.search(layer_path(layer)) for p in patterns
+    )
+
+
+def task_head_layers(model):
+    """The layers of a KerasHub task outside its backbone and preprocessor
+    that hold weights (a classifier's `logits` Dense, ...); `[]` for other
+    models."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, keras.layers.Layer) or backbone is model:
+        return []
+    # Below the backbone or preprocessor: a causal LM's functional graph
+    # calls `backbone.token_embedding` directly, but it belongs to the base.
+    inside = set()
+    for part in (backbone, getattr(model, "preprocessor", None)):
+        if isinstance(part, keras.layers.Layer):
+            inside.update(
+                id(layer) for layer in part._flatten_layers(include_self=True)
+            )
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=False)
+        if id(layer) not in inside and layer.weights
+    ]
 
 
 def select_layers(model, target, keep_trainable=None):
@@ -86,9 +167,11 @@ def select_layers(model, target, keep_trainable=None):
     """
     layers = all_layers(model)
     if keep_trainable is None:
+        to_keep = task_head_layers(model)
+    elif isinstance(keep_trainable, (list, tuple)) and not keep_trainable:
         to_keep = []
     else:
-        keep = _as_predicate(keep_trainable, "keep_trainable")
+        keep = _as_predicate(keep_trainable, "keep_trainable", model)
         to_keep = [layer for layer in layers if keep(layer)]
         if not to_keep:
             raise ValueError(
@@ -110,7 +193,7 @@ def select_layers(model, target, keep_trainable=None):
 
         explicit = False
     else:
-        predicate = _as_predicate(target, "target")
+        predicate = _as_predicate(target, "target", model)
         explicit = callable(target)
 
         def matches(layer):
@@ -125,10 +208,18 @@ def select_layers(model, target, keep_trainable=None):
         layer for layer in layers if id(layer) not in kept and matches(layer)
     ]
     if not to_adapt:
+        names = [target] if isinstance(target, str) else target
+        if not isinstance(names, (list, tuple)):
+            names = []
+        hint = "".join(
+            f" '{n}' selects {NAMED_TARGETS[n]}."
+            for n in names
+            if isinstance(n, str) and n in NAMED_TARGETS
+        )
         raise ValueError(
             f"No layer matched `target`={target!r} (layers matched by "
-            "`keep_trainable` are never adapted). Adaptable layers in this "
-            f"model: {_sample_paths(l for l in layers if isinstance(l, tuple(ADAPTER_FOR)))}."
+            f"`keep_trainable` are never adapted).{hint} Adaptable layers in "
+            f"this model: {_sample_paths(l for l in layers if isinstance(l, tuple(ADAPTER_FOR)))}."
         )
     return to_adapt, to_keep
 

@@ -1,5 +1,10 @@
 """Small models and utilities shared by the tests."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 
@@ -34,3 +39,54 @@ def data(n=32, input_dim=16, classes=3, seed=0):
     x = rng.normal(size=(n, input_dim)).astype("float32")
     y = rng.integers(0, classes, size=(n,))
     return x, y
+
+
+def embedding_mlp():
+    """A base model with every adaptable kind: an embedding branch, a Dense
+    and an EinsumDense layer, and a Dense head."""
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    features = keras.Input((16,), name="features")
+    e = keras.layers.Embedding(40, 16, name="embed")(tokens)
+    e = keras.layers.GlobalAveragePooling1D()(e)
+    x = keras.layers.Dense(32, activation="relu", name="hidden")(features)
+    x = keras.layers.Concatenate()([x, e])
+    x = keras.layers.EinsumDense("ab,bc->ac", output_shape=24, name="mix")(x)
+    outputs = keras.layers.Dense(3, name="head")(x)
+    return keras.Model([tokens, features], outputs)
+
+
+def pruned_model(model=None, **kwargs):
+    """`embedding_mlp` adapted, with some components pruned and non-zero
+    singular values, so every saved number matters."""
+    from keras_adalora import apply_adalora
+
+    model = embedding_mlp() if model is None else model
+    apply_adalora(model, init_rank=4, target=["embed", "hidden", "mix"], **kwargs)
+    randomize_adapters(model)
+    masks = {"embed": [1, 0, 1, 1], "hidden": [0, 0, 1, 0], "mix": [0, 0, 0, 0]}
+    for name, mask in masks.items():
+        model.get_layer(name).rank_mask.assign(np.array(mask, "float32"))
+    return model
+
+
+def inputs(seed=0):
+    """A batch for `embedding_mlp`."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.integers(0, 40, size=(6, 5)).astype("int32"),
+        rng.normal(size=(6, 16)).astype("float32"),
+    ]
+
+
+def run_in_fresh_process(backend, code):
+    """Runs `code` under `backend` in a new Python process; its stdout."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -261,3 +261,52 @@ def test_public_api_matches_the_spec():
         "merge_adalora",
     ]:
         assert hasattr(keras_adalora, name)
+
+
+class TinyTransformerBlock(keras.layers.Layer):
+    """A transformer block written with Keras's own MultiHeadAttention."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = keras.layers.MultiHeadAttention(2, 4, name="attention")
+        self.ffn_in = keras.layers.Dense(16, activation="relu", name="ffn_in")
+        self.ffn_out = keras.layers.Dense(8, name="ffn_out")
+
+    def build(self, input_shape):
+        self.attention.build(input_shape, input_shape)
+        self.ffn_in.build(input_shape)
+        self.ffn_out.build(input_shape[:-1] + (16,))
+
+    def call(self, x):
+        x = x + self.attention(x, x)
+        return x + self.ffn_out(self.ffn_in(x))
+
+
+def tiny_transformer():
+    inputs = keras.Input((5, 8))
+    x = TinyTransformerBlock(name="block_0")(inputs)
+    x = TinyTransformerBlock(name="block_1")(x)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(x), name="tiny")
+
+
+@pytest.mark.parametrize(
+    "target, names",
+    [
+        ("attention", {"query", "key", "value", "attention_output"}),
+        ("ffn", {"ffn_in", "ffn_out"}),
+        ("all", {"query", "key", "value", "attention_output", "ffn_in", "ffn_out"}),
+        (["ffn", "head"], {"ffn_in", "ffn_out", "head"}),
+    ],
+)
+def test_named_targets_follow_the_model_structure(target, names):
+    model = apply_adalora(tiny_transformer(), init_rank=2, target=target)
+    paths = list(get_rank_pattern(model))
+    assert {p.split("/")[-1] for p in paths} == names
+    blocks = 1 if target == "head" else 2
+    assert len(paths) == len(names) * blocks - (1 if "head" in names else 0)
+
+
+def test_a_named_target_that_matches_nothing_says_what_it_selects():
+    with pytest.raises(ValueError, match="'ffn' selects the feed-forward"):
+        apply_adalora(mlp(), init_rank=2, target="ffn")

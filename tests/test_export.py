@@ -1,17 +1,14 @@
 """Saving, compaction and merging of adapted models."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
 from helpers import data
+from helpers import inputs
 from helpers import mlp
-from helpers import randomize_adapters
+from helpers import pruned_model
+from helpers import run_in_fresh_process
 from helpers import to_numpy
 
 from keras_adalora import AdaLoRAEmbedding
@@ -22,34 +19,6 @@ from keras_adalora import merge_adalora
 from keras_adalora.targets import adapted_layers
 
 BACKENDS = ("tensorflow", "jax", "torch")
-
-
-def pruned_model():
-    """An adapted MLP plus an embedding branch, with some components pruned
-    and non-zero singular values, so every saved number matters."""
-    tokens = keras.Input((5,), dtype="int32", name="tokens")
-    features = keras.Input((16,), name="features")
-    e = keras.layers.Embedding(40, 16, name="embed")(tokens)
-    e = keras.layers.GlobalAveragePooling1D()(e)
-    x = keras.layers.Dense(32, activation="relu", name="hidden")(features)
-    x = keras.layers.Concatenate()([x, e])
-    x = keras.layers.EinsumDense("ab,bc->ac", output_shape=24, name="mix")(x)
-    outputs = keras.layers.Dense(3, name="head")(x)
-    model = keras.Model([tokens, features], outputs)
-    apply_adalora(model, init_rank=4, target=["embed", "hidden", "mix"])
-    randomize_adapters(model)
-    masks = {"embed": [1, 0, 1, 1], "hidden": [0, 0, 1, 0], "mix": [0, 0, 0, 0]}
-    for name, mask in masks.items():
-        model.get_layer(name).rank_mask.assign(np.array(mask, "float32"))
-    return model
-
-
-def inputs(seed=0):
-    rng = np.random.default_rng(seed)
-    return [
-        rng.integers(0, 40, size=(6, 5)).astype("int32"),
-        rng.normal(size=(6, 16)).astype("float32"),
-    ]
 
 
 def test_keras_file_round_trip_keeps_masks_and_outputs(tmp_path):
@@ -137,20 +106,6 @@ def test_merge_gives_plain_layers_with_the_same_outputs():
     np.testing.assert_allclose(to_numpy(model(x)), before, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no AdaLoRA layer"):
         merge_adalora(model)
-
-
-def run_in_fresh_process(backend, code):
-    """Runs `code` under another backend in a new Python process."""
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_merged_model_loads_without_keras_adalora(tmp_path):

@@ -1,0 +1,230 @@
+"""KerasHub models end to end: BERT classifier, GPT-2, Gemma and Llama causal
+LMs, each built from a tiny config: named targets, unchanged outputs at the
+start, the budget reached by `fit`, the adapter file on a fresh base, merge
+and `generate()`."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import to_numpy
+
+import keras_adalora
+from keras_adalora import RankBudgetCallback
+from keras_adalora import apply_adalora
+from keras_adalora import get_rank_pattern
+from keras_adalora import load_adapter
+from keras_adalora import merge_adalora
+from keras_adalora import save_adapter
+from keras_adalora.targets import adapted_layers
+
+keras_hub = pytest.importorskip("keras_hub")
+
+VOCAB, LENGTH, BLOCKS = 40, 8, 2
+
+
+def bert():
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=BLOCKS,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=LENGTH,
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone, num_classes=3, preprocessor=None
+    )
+
+
+def gpt2():
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB,
+        num_layers=BLOCKS,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=LENGTH,
+    )
+    return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+
+
+def gemma():
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=BLOCKS,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    )
+    return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+
+
+def llama():
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCAB,
+        num_layers=BLOCKS,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+
+
+# Family -> (builder, feed-forward projections per block).
+FAMILIES = {"bert": (bert, 2), "gpt2": (gpt2, 2), "gemma": (gemma, 3), "llama": (llama, 3)}
+
+
+def batch(family, n=16, seed=0):
+    """Inputs and targets for `fit`/`predict` without a preprocessor."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB, size=(n, LENGTH)).astype("int32")
+    padding = np.ones((n, LENGTH), bool)
+    padding[: n // 2, -2:] = False
+    x = {"token_ids": tokens, "padding_mask": padding}
+    if family == "bert":
+        x["segment_ids"] = np.zeros((n, LENGTH), "int32")
+        return x, rng.integers(0, 3, size=(n,)), None
+    # Causal LM: predict the next token, ignore padded positions.
+    y = np.roll(tokens, -1, axis=1)
+    return x, y, padding.astype("float32")
+
+
+def base_weights(model):
+    return [np.array(to_numpy(w)) for w in model.weights]
+
+
+def fresh_copy(family, weights):
+    """A new, identical base model (what a user rebuilds from a preset)."""
+    model = FAMILIES[family][0]()
+    for variable, value in zip(model.weights, weights):
+        variable.assign(value)
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "target, per_block",
+    [("attention", 4), ("ffn", None), ("all", None), ("lora_names", 2)],
+)
+def test_named_targets_pick_the_projections(family, target, per_block):
+    build, ffn = FAMILIES[family]
+    model = build()
+    expected = {"attention": 4, "ffn": ffn, "all": 4 + ffn}.get(target, per_block)
+    if target == "lora_names":
+        # KerasHub's own names, as in `backbone.enable_lora(rank)`.
+        target = model.backbone.default_lora_layer_names()
+    apply_adalora(model, init_rank=2, target=target)
+    paths = list(get_rank_pattern(model))
+    assert len(paths) == expected * BLOCKS
+    if target == "attention":
+        assert all("attention" in p for p in paths)
+    if target == "ffn":
+        assert not any("attention" in p for p in paths)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_adapt_train_save_load_merge(family, tmp_path):
+    build, ffn = FAMILIES[family]
+    model = build()
+    x, y, sample_weight = batch(family)
+    before = to_numpy(model.predict(x, verbose=0))
+    weights = base_weights(model)
+
+    apply_adalora(model, init_rank=4, target="all")
+    layers = adapted_layers(model)
+    assert len(layers) == (4 + ffn) * BLOCKS
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), before, atol=1e-5
+    )
+    # The backbone is frozen; the adapters train, and so does a task head.
+    adapter_weights = sum(len(layer.trainable_weights) for layer in layers)
+    head = [] if family != "bert" else model.get_layer("logits").trainable_weights
+    assert len(model.trainable_weights) == adapter_weights + len(head)
+
+    callback = RankBudgetCallback(target_rank=1, tinit=2, tfinal=8, delta_t=2)
+    sampler = {} if family == "bert" else {"sampler": "greedy"}
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+        **sampler,
+    )
+    model.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=4,
+        epochs=3,
+        callbacks=[callback],
+        verbose=0,
+    )
+    assert sum(get_rank_pattern(model).values()) == callback.target_budget
+    assert callback.target_budget == len(layers)
+    trained = to_numpy(model.predict(x, verbose=0))
+    assert not np.allclose(trained, before, atol=1e-4)
+
+    path = tmp_path / f"{family}.adalora.h5"
+    save_adapter(model, path)
+    restored = load_adapter(fresh_copy(family, weights), path)
+    assert get_rank_pattern(restored) == get_rank_pattern(model)
+    np.testing.assert_allclose(
+        to_numpy(restored.predict(x, verbose=0)), trained, atol=1e-5
+    )
+
+    if family != "bert":
+        prompt = {
+            "token_ids": np.array([[3, 4, 5, 0, 0, 0, 0, 0]] * 2, "int32"),
+            "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]] * 2, bool),
+        }
+        adapted_tokens = model.generate(prompt, stop_token_ids=None)
+        assert adapted_tokens["token_ids"].shape == (2, LENGTH)
+        assert adapted_tokens["padding_mask"][:, 3:].all()  # it generated
+
+    merge_adalora(model)
+    assert not adapted_layers(model)
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), trained, atol=1e-4
+    )
+    if family != "bert":
+        # Generation runs on the merged model too (its logits match the
+        # adapted model's, above; greedy tokens of a tiny random model can
+        # still flip on near-ties, so they are not compared).
+        merged_tokens = model.generate(prompt, stop_token_ids=None)
+        np.testing.assert_array_equal(merged_tokens["token_ids"][:, :3], [[3, 4, 5]] * 2)
+
+
+def test_bert_summary_and_heatmap(tmp_path):
+    model = apply_adalora(bert(), init_rank=4, target="all")
+    layers = adapted_layers(model)
+    for i, layer in enumerate(layers):
+        mask = np.zeros(4, "float32")
+        mask[: i % 5] = 1.0
+        layer.rank_mask.assign(mask)
+    lines = []
+    keras_adalora.summary(model, budget=12, print_fn=lines.append)
+    rows = [line for line in lines if line.startswith("transformer_layer")]
+    assert len(rows) == 12
+    # Block by block, each in data-flow order.
+    assert [r.split()[0].split("/")[-1] for r in rows[:6]] == [
+        "query",
+        "key",
+        "value",
+        "attention_output",
+        "feedforward_intermediate_dense",
+        "feedforward_output_dense",
+    ]
+    alive = sum(get_rank_pattern(model).values())
+    assert lines[-3].split()[-2] == str(alive)
+    verdict = "reached" if alive == 12 else "above"
+    assert verdict in lines[-2]
+
+    figure = keras_adalora.plot_rank_allocation(model, tmp_path / "ranks.png")
+    assert (tmp_path / "ranks.png").stat().st_size > 0
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["0", "1"]
+    assert len(axes.get_yticklabels()) == 6
+    cells = sorted(int(t.get_text()) for t in axes.texts)
+    assert cells == sorted(get_rank_pattern(model).values())
