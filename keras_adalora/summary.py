@@ -1,5 +1,6 @@
 """`summary`: a table of where a model's rank budget went."""
 
+import math
 import re
 
 from keras_adalora.targets import layer_path
@@ -254,10 +255,4 @@ def summary(model, budget=None, print_fn=None):
 
 
 def _count(weights):
-    total = 0
-    for weight in weights:
-        size = 1
-        for dim in weight.shape:
-            size *= int(dim)
-        total += size
-    return total
+    return sum(math.prod(int(dim) for dim in w.shape) for w in weights)
