@@ -21,6 +21,11 @@ Scenarios:
     jax_data_parallel: `keras.distribution.DataParallel` on 4 CPU devices.
     jax_model_parallel: `keras.distribution.ModelParallel` on a 2x2
         ("batch", "model") mesh of 4 CPU devices.
+    torch_ddp: what the README tells torch users to do, Keras having no
+        distribution API there: a torch loop with `DistributedDataParallel`
+        (2 CPU processes, gloo), `AdaLoRAOptimizer` and `RankAllocator`,
+        against the same loop on one process. Its worker processes run
+        this script as `torch_ddp_worker RANK WORLD PORT DIR`.
 """
 
 import json
@@ -32,6 +37,7 @@ SCENARIOS = {
     "tf_mirrored": ("tensorflow", 2),
     "jax_data_parallel": ("jax", 4),
     "jax_model_parallel": ("jax", 4),
+    "torch_ddp": ("torch", 2),
 }
 
 INPUT_DIM, HIDDEN, OUTPUTS = 16, 32, 4
@@ -45,6 +51,8 @@ def configure_devices(backend, devices):
     before Keras (and the backend) is imported."""
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if backend == "torch":
+        return
     if backend == "jax":
         flag = f"--xla_force_host_platform_device_count={devices}"
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
@@ -298,7 +306,171 @@ def run_jax(devices, model_parallel):
     return result
 
 
+def torch_loop(model, rank=0, world=1):
+    """Trains `model` with a hand-written torch loop, AdaLoRAOptimizer and
+    RankAllocator; under DDP when `world > 1`, each rank taking its slice
+    of every global batch. Returns the masks after every step."""
+    import keras
+    import numpy as np
+    import torch
+
+    from keras_adalora import AdaLoRAOptimizer
+    from keras_adalora import RankAllocator
+    from keras_adalora.targets import adapted_layers
+
+    optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(0.01, epsilon=1e-4))
+    optimizer.watch(model)
+    variables = model.trainable_variables
+    optimizer.build(variables)
+    steps_per_epoch = SAMPLES // GLOBAL_BATCH
+    total_steps = EPOCHS * steps_per_epoch
+    allocator = RankAllocator(
+        model,
+        optimizer,
+        target_rank=TARGET_RANK,
+        total_steps=total_steps,
+        **SCHEDULE,
+    )
+    module = model
+    if world > 1:
+        # DDP averages the gradients over ranks during backward().
+        module = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = regression_data()
+    local = GLOBAL_BATCH // world
+    masks = []
+    for step in range(1, total_steps + 1):
+        start = ((step - 1) % steps_per_epoch) * GLOBAL_BATCH + rank * local
+        xb = torch.as_tensor(x[start : start + local])
+        yb = torch.as_tensor(y[start : start + local])
+        for variable in variables:
+            variable.value.grad = None
+        pred = module(xb, training=True)
+        loss = torch.mean(torch.square(pred - yb)) + sum(model.losses)
+        loss.backward()
+        with torch.no_grad():
+            optimizer.apply([v.value.grad for v in variables], variables)
+        allocator.update(step)
+        masks.append(
+            np.concatenate(
+                [keras.ops.convert_to_numpy(l.rank_mask) for l in adapted_layers(model)]
+            ).astype(int).tolist()
+        )
+    return masks, allocator
+
+
+def torch_ddp_worker(rank, world, port, workdir):
+    """One DDP rank: trains and saves its masks, weights and scores."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from keras_adalora import get_rank_pattern
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = build_model()
+    with np.load(os.path.join(workdir, "initial.npz")) as initial:
+        model.set_weights([initial[f"w{i}"] for i in range(len(initial.files))])
+    masks, allocator = torch_loop(model, rank, world)
+    np.savez(
+        os.path.join(workdir, f"rank{rank}.npz"),
+        scores=component_scores_of(allocator.optimizer),
+        **{f"w{i}": w for i, w in enumerate(model.get_weights())},
+    )
+    with open(os.path.join(workdir, f"rank{rank}.json"), "w") as f:
+        json.dump({"masks": masks, "pattern": get_rank_pattern(model)}, f)
+    dist.destroy_process_group()
+
+
+def component_scores_of(optimizer):
+    import numpy as np
+
+    components, _ = optimizer.scores_on_host(optimizer.adapter_layer_paths)
+    return np.concatenate(components)
+
+
+def run_torch_ddp(world):
+    import socket
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from keras_adalora import get_rank_pattern
+
+    reference = build_model()
+    initial = reference.get_weights()
+    reference_masks, allocator = torch_loop(reference)
+    with tempfile.TemporaryDirectory() as workdir:
+        np.savez(
+            os.path.join(workdir, "initial.npz"),
+            **{f"w{i}": w for i, w in enumerate(initial)},
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        workers = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "torch_ddp_worker",
+                 str(rank), str(world), str(port), workdir]
+            )
+            for rank in range(world)
+        ]
+        codes = [worker.wait(timeout=300) for worker in workers]
+        if any(codes):
+            raise RuntimeError(f"DDP workers exited with {codes}")
+        masks, patterns, weights, scores = [], [], [], []
+        for rank in range(world):
+            with open(os.path.join(workdir, f"rank{rank}.json")) as f:
+                saved = json.load(f)
+            masks.append(saved["masks"])
+            patterns.append(saved["pattern"])
+            with np.load(os.path.join(workdir, f"rank{rank}.npz")) as saved:
+                scores.append(saved["scores"])
+                weights.append(
+                    [saved[f"w{i}"] for i in range(len(initial))]
+                )
+    reference_scores = component_scores_of(allocator.optimizer)
+    final = masks[0][-1]
+    return {
+        "replicas": world,
+        "steps": len(masks[0]),
+        "mask_steps": [
+            step + 1
+            for step in range(1, len(masks[0]))
+            if masks[0][step] != masks[0][step - 1]
+        ],
+        "masks_equal_every_step": masks[0] == reference_masks,
+        "rank_pattern": patterns[0],
+        "reference_rank_pattern": get_rank_pattern(reference),
+        "final_rank": int(sum(final)),
+        "target_budget": allocator.target_budget,
+        "max_weight_diff": max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(reference.get_weights(), weights[0])
+        ),
+        "max_score_rel_diff": float(
+            np.max(np.abs(reference_scores - scores[0]))
+            / max(float(np.max(np.abs(reference_scores))), 1e-30)
+        ),
+        "replica_copies": world,
+        "replica_masks_identical": all(m == masks[0] for m in masks)
+        and all(p == patterns[0] for p in patterns),
+        "replica_scores_identical": all(
+            np.array_equal(s, scores[0]) for s in scores
+        ),
+        "replica_weights_identical": all(
+            all(np.array_equal(a, b) for a, b in zip(w, weights[0]))
+            for w in weights
+        ),
+    }
+
+
 def main(argv):
+    if len(argv) == 6 and argv[1] == "torch_ddp_worker":
+        configure_devices("torch", 1)
+        rank, world, port = (int(a) for a in argv[2:5])
+        return torch_ddp_worker(rank, world, port, argv[5])
     if len(argv) != 2 or argv[1] not in SCENARIOS:
         sys.exit(f"usage: {argv[0]} {{{','.join(SCENARIOS)}}}")
     name = argv[1]
@@ -307,6 +479,8 @@ def main(argv):
     configure_devices(backend, devices)
     if name == "tf_mirrored":
         result = run_tf_mirrored(devices)
+    elif name == "torch_ddp":
+        result = run_torch_ddp(devices)
     else:
         result = run_jax(devices, model_parallel=name == "jax_model_parallel")
     result["seconds"] = round(time.time() - start, 1)

@@ -4,8 +4,9 @@ Each multi-device scenario runs in its own process
 (`tests/distributed_scenarios.py`), because the number of simulated CPU
 devices must be set before the backend starts. A scenario runs in the suite
 pass of its backend only: TensorFlow's `MirroredStrategy` in the tensorflow
-pass, `keras.distribution` in the jax pass; Keras has no distribution API on
-torch.
+pass, `keras.distribution` in the jax pass. Keras has no distribution API on
+torch: the torch pass runs the recipe the README gives instead, a
+`DistributedDataParallel` loop with `AdaLoRAOptimizer` and `RankAllocator`.
 """
 
 import json
@@ -118,6 +119,16 @@ def test_model_parallel_shards_adapters_like_their_kernels_and_hits_the_budget()
         for kind in ("ipt_bar", "unc_bar"):
             (spec,) = [v for k, v in buffers.items() if k.endswith(f"/{name}_{kind}")]
             assert spec == want, (name, kind, spec)
+
+
+@pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="torch DistributedDataParallel loop: runs in the torch pass of the suite",
+)
+def test_a_ddp_torch_loop_trains_like_one_process_with_identical_masks():
+    result = run_scenario("torch_ddp")
+    assert_matches_single_device(result, replicas=2)
+    assert result["replica_weights_identical"]
 
 
 def test_an_einsum_adapter_shards_along_the_leading_axis_of_each_side():
