@@ -14,7 +14,8 @@ same initial weights on the same global batches, and prints one line,
 - whether every replica held the same masks and scores after every step
   (TensorFlow: `strategy.experimental_local_results`; JAX: the addressable
   shards of each array, grouped by the slice they hold);
-- for `ModelParallel`, the layouts the adapters and score buffers got.
+- for `ModelParallel`, the layouts the adapters and score buffers got;
+- for `MirroredStrategy`, the same replica checks under `mixed_float16`.
 
 Scenarios:
     tf_mirrored: `tf.distribute.MirroredStrategy` on 2 logical CPU devices.
@@ -165,7 +166,10 @@ def make_recorder(replica_copies):
             )
             for layer in layers:
                 self.masks_identical &= self._identical(layer.rank_mask)
-            for buffer in model.optimizer._score_state:
+            optimizer = model.optimizer
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                optimizer = optimizer.inner_optimizer
+            for buffer in optimizer._score_state:
                 self.scores_identical &= self._identical(buffer)
 
     return Recorder()
@@ -244,6 +248,7 @@ def compare(reference, distributed, recorder_ref, recorder_dist, callback):
 
 
 def run_tf_mirrored(devices):
+    import keras
     import tensorflow as tf
 
     initial, reference, recorder_ref = single_device_reference(
@@ -259,6 +264,19 @@ def run_tf_mirrored(devices):
     recorder, callback = train(model, tf_replica_copies)
     result = compare(reference, model, recorder_ref, recorder, callback)
     result["replicas"] = strategy.num_replicas_in_sync
+    # mixed_float16 puts a LossScaleOptimizer around the wrapper, which
+    # hands it the gradients through a merge_call: replicas must still agree.
+    keras.config.set_dtype_policy("mixed_float16")
+    with strategy.scope():
+        model = compile_model(build_model())
+    recorder, callback = train(model, tf_replica_copies)
+    keras.config.set_dtype_policy("float32")
+    result["mixed_float16"] = {
+        "optimizer": type(model.optimizer).__name__,
+        "final_rank": int(sum(recorder.masks[-1])),
+        "replica_masks_identical": recorder.masks_identical,
+        "replica_scores_identical": recorder.scores_identical,
+    }
     return result
 
 

@@ -71,7 +71,12 @@ def assert_matches_single_device(result, replicas):
     else "tf.distribute scenario: runs in the tensorflow pass of the suite",
 )
 def test_mirrored_strategy_trains_like_one_device_with_identical_masks():
-    assert_matches_single_device(run_scenario("tf_mirrored"), replicas=2)
+    result = run_scenario("tf_mirrored")
+    assert_matches_single_device(result, replicas=2)
+    mixed = result["mixed_float16"]  # behind a LossScaleOptimizer
+    assert mixed["optimizer"] == "LossScaleOptimizer"
+    assert mixed["final_rank"] == result["target_budget"]
+    assert mixed["replica_masks_identical"] and mixed["replica_scores_identical"]
 
 
 @pytest.mark.skipif(
