@@ -22,8 +22,16 @@ from keras_adalora import _distribution
 from keras_adalora.layers.einsum_dense import EinsumMatrixView
 
 BACKEND = keras.backend.backend()
-NO_TORCH_API = "Keras has no distribution API on torch (README: Distributed training)"
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_scenarios.py")
+
+
+def in_pass(backend, what):
+    """Runs a scenario test only in the suite pass of `backend`."""
+    if BACKEND == "torch" and backend != "torch":
+        reason = "Keras has no distribution API on torch (README: Distributed training)"
+    else:
+        reason = f"{what}: runs in the {backend} pass of the suite"
+    return pytest.mark.skipif(BACKEND != backend, reason=reason)
 
 
 def run_scenario(name):
@@ -64,12 +72,7 @@ def assert_matches_single_device(result, replicas):
     assert result["replica_scores_identical"]
 
 
-@pytest.mark.skipif(
-    BACKEND != "tensorflow",
-    reason=NO_TORCH_API
-    if BACKEND == "torch"
-    else "tf.distribute scenario: runs in the tensorflow pass of the suite",
-)
+@in_pass("tensorflow", "tf.distribute scenario")
 def test_mirrored_strategy_trains_like_one_device_with_identical_masks():
     result = run_scenario("tf_mirrored")
     assert_matches_single_device(result, replicas=2)
@@ -79,12 +82,7 @@ def test_mirrored_strategy_trains_like_one_device_with_identical_masks():
     assert mixed["replica_masks_identical"] and mixed["replica_scores_identical"]
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax",
-    reason=NO_TORCH_API
-    if BACKEND == "torch"
-    else "keras.distribution scenario: runs in the jax pass of the suite",
-)
+@in_pass("jax", "keras.distribution scenario")
 def test_data_parallel_trains_like_one_device_with_identical_masks():
     result = run_scenario("jax_data_parallel")
     assert_matches_single_device(result, replicas=4)
@@ -92,12 +90,7 @@ def test_data_parallel_trains_like_one_device_with_identical_masks():
     assert result["score_buffers"] == 2  # one flat I_bar/U_bar pair
 
 
-@pytest.mark.skipif(
-    BACKEND != "jax",
-    reason=NO_TORCH_API
-    if BACKEND == "torch"
-    else "keras.distribution scenario: runs in the jax pass of the suite",
-)
+@in_pass("jax", "keras.distribution scenario")
 def test_model_parallel_shards_adapters_like_their_kernels_and_hits_the_budget():
     result = run_scenario("jax_model_parallel")
     assert_matches_single_device(result, replicas=4)
@@ -126,10 +119,7 @@ def test_model_parallel_shards_adapters_like_their_kernels_and_hits_the_budget()
             assert spec == want, (name, kind, spec)
 
 
-@pytest.mark.skipif(
-    BACKEND != "torch",
-    reason="torch DistributedDataParallel loop: runs in the torch pass of the suite",
-)
+@in_pass("torch", "torch DistributedDataParallel loop")
 def test_a_ddp_torch_loop_trains_like_one_process_with_identical_masks():
     result = run_scenario("torch_ddp")
     assert_matches_single_device(result, replicas=2)
