@@ -130,10 +130,11 @@ def test_an_einsum_adapter_shards_along_the_leading_axis_of_each_side():
     # Attention output projection: kernel (n, h, d) reads as (n*h) x d.
     view = EinsumMatrixView("btnh,nhd->btd", (4, 8, 16))
     assert (view.row_axes, view.column_axes) == ((0, 1), (2,))
-    assert _distribution._matrix_axis(("model", None, None), view.row_axes) == "model"
+    matrix_axis = _distribution._matrix_axis
+    assert matrix_axis(("model", None, None), view.row_axes) == "model"
     # A sharded inner axis interleaves the flattened rows: A stays replicated.
-    assert _distribution._matrix_axis((None, "model", None), view.row_axes) is None
-    assert _distribution._matrix_axis((None, None, "model"), view.column_axes) == "model"
+    assert matrix_axis((None, "model", None), view.row_axes) is None
+    assert matrix_axis((None, None, "model"), view.column_axes) == "model"
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute check")
