@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_adalora import _distribution
+
 
 def refresh_tracked_parameters(model):
     """Re-registers variables with torch after layers gained or lost some.
@@ -37,8 +39,9 @@ def reset_compiled_state(model):
     model.predict_function = None
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and optimizer.built:
-        fresh = optimizer.__class__.from_config(optimizer.get_config())
-        fresh.build(model.trainable_variables)
+        with _distribution.optimizer_scope(model):
+            fresh = optimizer.__class__.from_config(optimizer.get_config())
+            fresh.build(model.trainable_variables)
         _innermost(fresh)._iterations.assign(_innermost(optimizer)._iterations)
         old_scorer, new_scorer = _scorer(optimizer), _scorer(fresh)
         if old_scorer is not None:

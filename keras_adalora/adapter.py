@@ -18,6 +18,7 @@ from keras import initializers
 from keras import layers
 from keras import ops
 
+from keras_adalora import _distribution
 from keras_adalora.regularizers import orthogonality_penalty
 
 # Adapter weights are stored and computed in float32 whatever the layer's
@@ -216,6 +217,13 @@ class AdaLoRAAdapter:
         self.adalora_lam = created[LAM_NAME]
         self.adalora_b = created[B_NAME]
         self.rank_mask = created[MASK_NAME]
+        _distribution.shard_adapter_like_kernel(self)
+
+    def _kernel_matrix_axes(self):
+        """Kernel axes that make the rows and the columns of its matrix view,
+        each in flattening order: `((0,), (1,))` for a 2-D kernel read as
+        is. Used to shard the adapter like the kernel."""
+        return (0,), (1,)
 
     def _adapter_variables(self):
         return {

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_adalora import _distribution
 from keras_adalora import importance as importance_lib
 from keras_adalora import schedule
 from keras_adalora.allocator import RankAllocator
@@ -194,11 +195,14 @@ class RankBudgetCallback(keras.callbacks.Callback):
             self._optimizer = optimizer
             self._installed = None
             return
-        wrapper = AdaLoRAOptimizer(
-            optimizer, self.beta1, self.beta2, self.importance
-        )
-        wrapper.watch(model)
-        wrapper.build(model.trainable_variables)
+        # Under tf.distribute the wrapper and its score variables belong in
+        # the strategy the model was compiled under (fit runs outside it).
+        with _distribution.optimizer_scope(model):
+            wrapper = AdaLoRAOptimizer(
+                optimizer, self.beta1, self.beta2, self.importance
+            )
+            wrapper.watch(model)
+            wrapper.build(model.trainable_variables)
         missing = [
             path
             for path in self._allocator.paths

@@ -19,6 +19,7 @@ import numpy as np
 from keras import ops
 from keras.src.utils import tracking
 
+from keras_adalora import _distribution
 from keras_adalora import importance as importance_lib
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
@@ -50,6 +51,12 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
     the scores untouched. With `gradient_accumulation_steps` on the inner
     optimizer, scores are updated once per real update, from the averaged
     accumulated gradients.
+
+    Distributed, every replica scores the gradients of the global batch:
+    under `tf.distribute` (create the optimizer in the strategy's scope)
+    the gradients are all-reduced for scoring, while the inner optimizer
+    still receives the per-replica ones; under a `keras.distribution` that
+    shards adapter variables, each gets score buffers with its own layout.
 
     `RankBudgetCallback` installs this wrapper by itself; use it directly
     only in a custom training loop.
@@ -106,6 +113,9 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
+        _distribution.check_tf_strategy(
+            getattr(self, "_distribution_strategy", None), var_list
+        )
         layers = {}
         for variable in var_list:
             if variable.name in _ADAPTER_NAMES:
@@ -115,45 +125,90 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             for key, parts in layers.items()
             if set(parts) == set(_ADAPTER_NAMES)
         }
-        # All adapter entries share one flat pair of score buffers: the
-        # update is then a dozen fused operations per step instead of a
-        # dozen per variable (op dispatch dominates on eager torch and XLA
-        # CPU). `_slices` says where each variable's entries sit.
         self._ordered = [
             parts[name]
             for parts in self._adapter_layers.values()
             for name in _ADAPTER_NAMES
         ]
-        self._slices = {}
-        offset = 0
-        for variable in self._ordered:
-            size = math.prod(variable.shape)
-            self._slices[variable.path] = (offset, size, tuple(variable.shape))
-            offset += size
         if self.importance == "sensitivity":
-            shape = (offset,)
+            self._score_groups = self._build_sensitivity_buffers()
+            self._score_state = [
+                buffer for _, *buffers in self._score_groups for buffer in buffers
+            ]
         else:
-            shape = (len(self._adapter_layers),)
-        self._score_state = [
-            self.add_variable(
-                shape=shape, initializer="zeros", dtype="float32", name=name
-            )
-            for name in (
-                ("ipt_bar", "unc_bar")
-                if self.importance == "sensitivity"
-                else ("frobenius",)
-            )
-        ]
+            self._score_groups = []
+            self._score_state = [
+                self.add_variable(
+                    shape=(len(self._adapter_layers),),
+                    initializer="zeros",
+                    dtype="float32",
+                    aggregation=_distribution.REPLICATED_AGGREGATION,
+                    name="frobenius",
+                )
+            ]
         # The step of the last mask update, kept with the optimizer state so
         # that a resumed run continues the same schedule.
         self.last_mask_step = self.add_variable(
             shape=(),
             initializer=keras.initializers.Constant(-1),
             dtype="int",
+            aggregation=_distribution.REPLICATED_AGGREGATION,
             name="last_mask_step",
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+
+    def _build_sensitivity_buffers(self):
+        """The `I_bar`/`U_bar` buffers, as `(variables, ipt, unc)` groups.
+
+        By default all adapter entries share one flat pair of buffers: the
+        update is then a dozen fused operations per step instead of a dozen
+        per variable (op dispatch dominates on eager torch and XLA CPU).
+        When a `keras.distribution` shards some adapter variable, every
+        variable gets its own pair instead, laid out like the variable, so
+        that scores stay next to their parameters and the step never gathers
+        a sharded gradient into one replicated buffer.
+        """
+        per_variable = any(
+            _distribution.is_sharded(variable) for variable in self._ordered
+        )
+        if per_variable:
+            groups = [[variable] for variable in self._ordered]
+        else:
+            groups = [self._ordered]
+        built = []
+        # `_slices` says where each variable's entries sit in its group's
+        # (flattened) buffers.
+        self._slices = {}
+        for variables in groups:
+            offset = 0
+            for variable in variables:
+                size = math.prod(variable.shape)
+                self._slices[variable.path] = (
+                    offset, size, tuple(variable.shape)
+                )
+                offset += size
+            if per_variable:
+                (variable,) = variables
+                shape = tuple(variable.shape)
+                layout = _distribution.variable_layout(variable)
+                prefix = variable.path.replace("/", "_") + "_"
+            else:
+                shape = (offset,)
+                layout, prefix = None, ""
+            buffers = [
+                self.add_variable(
+                    shape=shape,
+                    initializer="zeros",
+                    dtype="float32",
+                    aggregation=_distribution.REPLICATED_AGGREGATION,
+                    layout=layout,
+                    name=prefix + name,
+                )
+                for name in ("ipt_bar", "unc_bar")
+            ]
+            built.append((variables, *buffers))
+        return built
 
     @property
     def variables(self):
@@ -221,6 +276,8 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         grads, is_update = self._effective_gradients(
             [by_path[v.path] for v in ordered], ordered
         )
+        # Replicas must score the same gradients to write the same masks.
+        grads = _distribution.global_gradients(grads)
         if self.importance == "sensitivity":
             grads = dict(zip((v.path for v in ordered), grads))
             for key, parts in self._adapter_layers.items():
@@ -230,24 +287,33 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                     penalty_a, penalty_b = _penalty_gradients(a, b, weight)
                     grads[a.path] = _float32(grads[a.path]) - penalty_a
                     grads[b.path] = _float32(grads[b.path]) - penalty_b
-            grads = [grads[v.path] for v in ordered]
-        flat_grad = _flatten(grads)
-        keep = importance_lib.is_finite(flat_grad)
-        if is_update is not None:
-            keep = ops.logical_and(keep, is_update)
-        if self.importance == "sensitivity":
-            ipt_var, unc_var = self._score_state
-            ipt, unc = importance_lib.sensitivity_update(
-                _flatten(ordered),
-                flat_grad,
-                ipt_var.value,
-                unc_var.value,
-                self.beta1,
-                self.beta2,
-            )
-            ipt_var.assign(ops.where(keep, ipt, ipt_var.value))
-            unc_var.assign(ops.where(keep, unc, unc_var.value))
+            packed = [
+                (
+                    _pack(variables, ipt_var.shape),
+                    _pack([grads[v.path] for v in variables], ipt_var.shape),
+                    ipt_var,
+                    unc_var,
+                )
+                for variables, ipt_var, unc_var in self._score_groups
+            ]
+            keep = importance_lib.is_finite(*(grad for _, grad, _, _ in packed))
+            if is_update is not None:
+                keep = ops.logical_and(keep, is_update)
+            for theta, grad, ipt_var, unc_var in packed:
+                ipt, unc = importance_lib.sensitivity_update(
+                    theta,
+                    grad,
+                    ipt_var.value,
+                    unc_var.value,
+                    self.beta1,
+                    self.beta2,
+                )
+                ipt_var.assign(ops.where(keep, ipt, ipt_var.value))
+                unc_var.assign(ops.where(keep, unc, unc_var.value))
         else:
+            keep = importance_lib.is_finite(*grads)
+            if is_update is not None:
+                keep = ops.logical_and(keep, is_update)
             (score_var,) = self._score_state
             norms = ops.stack(
                 [
@@ -289,16 +355,21 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 for p in layer_paths
             ]
             return components, [float(norms[keys.index(p)]) for p in layer_paths]
-        ipt, unc = (ops.convert_to_numpy(v.value) for v in self._score_state)
-        entry_scores = ipt * unc  # s = I_bar * U_bar (SPEC.md section 3)
+        entry_scores = {}
+        for variables, ipt_var, unc_var in self._score_groups:
+            ipt = ops.convert_to_numpy(ipt_var.value).reshape(-1)
+            unc = ops.convert_to_numpy(unc_var.value).reshape(-1)
+            flat = ipt * unc  # s = I_bar * U_bar (SPEC.md section 3)
+            for variable in variables:
+                offset, size, shape = self._slices[variable.path]
+                entry_scores[variable.path] = flat[
+                    offset : offset + size
+                ].reshape(shape)
         components = []
         for path in layer_paths:
             a, lam, b = (
-                entry_scores[offset : offset + size].reshape(shape)
-                for offset, size, shape in (
-                    self._slices[self._adapter_layers[path][name].path]
-                    for name in _ADAPTER_NAMES
-                )
+                entry_scores[self._adapter_layers[path][name].path]
+                for name in _ADAPTER_NAMES
             )
             # importance.component_scores, in NumPy.
             components.append(lam + a.mean(axis=0) + b.mean(axis=1))
@@ -362,7 +433,12 @@ def _float32(x):
     return ops.cast(x, "float32")
 
 
-def _flatten(tensors):
+def _pack(tensors, shape):
+    """`tensors` as one float32 tensor of `shape`: a lone tensor reshaped
+    (a no-op when it already has that shape, keeping its sharding), several
+    flattened and concatenated in order."""
+    if len(tensors) == 1:
+        return ops.reshape(_float32(tensors[0]), shape)
     return ops.concatenate([ops.reshape(_float32(t), (-1,)) for t in tensors])
 
 

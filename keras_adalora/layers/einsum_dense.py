@@ -70,6 +70,9 @@ class EinsumMatrixView:
             math.prod(self.contracted_shape),
             math.prod(self.produced_shape),
         )
+        # Kernel axes of the matrix's rows and columns, in flattening order.
+        self.row_axes = tuple(kernel_axes.index(a) for a in self.contracted)
+        self.column_axes = tuple(kernel_axes.index(a) for a in self.produced)
         order = self.contracted + self.produced
         # kernel -> matrix is a transpose to `order`, then a reshape;
         # matrix -> kernel undoes both.
@@ -181,6 +184,10 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
 
     def _kernel_from_matrix(self, matrix):
         return self.matrix_view.kernel_from_matrix(matrix)
+
+    def _kernel_matrix_axes(self):
+        view = self.matrix_view
+        return view.row_axes, view.column_axes
 
     def _adapter_project_in(self, inputs, a):
         view = self.matrix_view
