@@ -105,8 +105,10 @@ def minilm_path():
 
 def main(argv=None):
     args = parse_args(argv)
-    # Keras reads the backend once, at import.
+    # Keras reads the backend once, at import. TensorFlow (tf.data under
+    # every backend here) need not print its C++ start-up log.
     os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import keras_hub
     import numpy as np
