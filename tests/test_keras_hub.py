@@ -228,3 +228,15 @@ def test_bert_summary_and_heatmap(tmp_path):
     assert len(axes.get_yticklabels()) == 6
     cells = sorted(int(t.get_text()) for t in axes.texts)
     assert cells == sorted(get_rank_pattern(model).values())
+
+
+def test_a_task_head_stays_trainable_unless_told_otherwise():
+    model = apply_adalora(bert(), init_rank=2)  # target=None: every Dense
+    paths = get_rank_pattern(model)
+    assert "pooled_dense" in paths and "logits" not in paths
+    assert {v.path for v in model.get_layer("logits").trainable_weights} == {
+        "logits/kernel",
+        "logits/bias",
+    }
+    frozen_head = apply_adalora(bert(), init_rank=2, target="all", keep_trainable=[])
+    assert not frozen_head.get_layer("logits").trainable_weights
