@@ -390,6 +390,13 @@ def _check_trained(record, layer, values):
             "copy of the base model it was trained on."
         )
     own = dict(_own_weights(layer))
+    extra = sorted(set(own) - {weight["name"] for weight in record["weights"]})
+    if extra:
+        raise ValueError(
+            f"{where}: this model's layer {_describe(layer)} has weights "
+            f"{extra} that the file does not hold. Load the adapter into a "
+            "copy of the base model it was trained on."
+        )
     for weight in record["weights"]:
         variable = own.get(weight["name"])
         if variable is None or tuple(variable.shape) != tuple(weight["shape"]):

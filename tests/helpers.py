@@ -41,18 +41,18 @@ def data(n=32, input_dim=16, classes=3, seed=0):
     return x, y
 
 
-def embedding_mlp():
+def embedding_mlp(hidden=32, classes=3, head_bias=True):
     """A base model with every adaptable kind: an embedding branch, a Dense
     and an EinsumDense layer, and a Dense head."""
     tokens = keras.Input((5,), dtype="int32", name="tokens")
     features = keras.Input((16,), name="features")
     e = keras.layers.Embedding(40, 16, name="embed")(tokens)
     e = keras.layers.GlobalAveragePooling1D()(e)
-    x = keras.layers.Dense(32, activation="relu", name="hidden")(features)
+    x = keras.layers.Dense(hidden, activation="relu", name="hidden")(features)
     x = keras.layers.Concatenate()([x, e])
     x = keras.layers.EinsumDense("ab,bc->ac", output_shape=24, name="mix")(x)
-    outputs = keras.layers.Dense(3, name="head")(x)
-    return keras.Model([tokens, features], outputs)
+    head = keras.layers.Dense(classes, use_bias=head_bias, name="head")
+    return keras.Model([tokens, features], head(x))
 
 
 def pruned_model(model=None, **kwargs):

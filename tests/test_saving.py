@@ -123,42 +123,21 @@ def test_automatic_layer_names_load_by_position(tmp_path):
     np.testing.assert_allclose(to_numpy(fresh(x)), to_numpy(model(x)), atol=1e-6)
 
 
-def mismatched_bases():
-    def wider():  # `hidden` has another kernel shape
-        tokens = keras.Input((5,), dtype="int32", name="tokens")
-        features = keras.Input((16,), name="features")
-        e = keras.layers.GlobalAveragePooling1D()(
-            keras.layers.Embedding(40, 16, name="embed")(tokens)
-        )
-        x = keras.layers.Dense(40, activation="relu", name="hidden")(features)
-        x = keras.layers.Concatenate()([x, e])
-        x = keras.layers.EinsumDense("ab,bc->ac", output_shape=24, name="mix")(x)
-        return keras.Model([tokens, features], keras.layers.Dense(3, name="head")(x))
-
-    def no_mix():  # `mix` is missing
-        features = keras.Input((16,), name="features")
-        x = keras.layers.Dense(32, activation="relu", name="hidden")(features)
-        return keras.Model(features, keras.layers.Dense(3, name="head")(x))
-
-    def other_head():  # the trained head has 5 classes, not 3
-        tokens = keras.Input((5,), dtype="int32", name="tokens")
-        features = keras.Input((16,), name="features")
-        e = keras.layers.GlobalAveragePooling1D()(
-            keras.layers.Embedding(40, 16, name="embed")(tokens)
-        )
-        x = keras.layers.Dense(32, activation="relu", name="hidden")(features)
-        x = keras.layers.Concatenate()([x, e])
-        x = keras.layers.EinsumDense("ab,bc->ac", output_shape=24, name="mix")(x)
-        return keras.Model([tokens, features], keras.layers.Dense(5, name="head")(x))
-
-    return [
-        (wider, "'hidden'.*kernel of shape \\(16, 32\\)"),
-        (no_mix, "no layer 'embed'"),
-        (other_head, "'head'.*kernel.*num_classes"),
-    ]
+def no_mix():  # `mix` and the embedding branch are missing
+    features = keras.Input((16,), name="features")
+    x = keras.layers.Dense(32, activation="relu", name="hidden")(features)
+    return keras.Model(features, keras.layers.Dense(3, name="head")(x))
 
 
-@pytest.mark.parametrize("build, message", mismatched_bases())
+MISMATCHED_BASES = [
+    (lambda: embedding_mlp(hidden=40), "'hidden'.*kernel of shape \\(16, 32\\)"),
+    (no_mix, "no layer 'embed'"),
+    (lambda: embedding_mlp(classes=5), "'head'.*kernel.*num_classes"),
+    (lambda: embedding_mlp(head_bias=False), "'head'.*weight 'bias'"),
+]
+
+
+@pytest.mark.parametrize("build, message", MISMATCHED_BASES)
 def test_a_mismatched_base_is_refused_untouched(tmp_path, build, message):
     model, _ = trained_pair()
     save_adapter(model, tmp_path / "model.adalora.h5")
@@ -224,3 +203,12 @@ def test_an_adapter_saved_here_loads_under_another_backend(tmp_path, other):
     np.testing.assert_allclose(
         np.load(tmp_path / "out.npy"), to_numpy(model(x)), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_base_layer_with_weights_the_file_lacks_is_refused(tmp_path):
+    model = pruned_model(embedding_mlp(head_bias=False), keep_trainable=["head"])
+    save_adapter(model, tmp_path / "model.adalora.h5")
+    base = embedding_mlp()  # its head has a bias the file does not hold
+    with pytest.raises(ValueError, match="'head'.*\\['bias'\\].*does not hold"):
+        load_adapter(base, tmp_path / "model.adalora.h5")
+    assert not adapted_layers(base)
