@@ -53,19 +53,20 @@ def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
             `[0, 1)` or a negative `orth_reg_weight`.
     """
     init_rank = _check_positive_int(init_rank, "init_rank")
-    if alpha is None:
-        alpha = init_rank
-    if isinstance(alpha, bool) or not isinstance(
-        alpha, (int, float, np.number)
-    ):
-        raise ValueError(
-            f"`alpha` must be a positive number or None (None means "
-            f"alpha=init_rank, a scale of 1). Received: alpha={alpha!r}"
-        )
-    if not alpha > 0:
-        raise ValueError(
-            f"`alpha` must be positive. Received: alpha={alpha}"
-        )
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(
+            alpha, (int, float, np.number)
+        ):
+            raise ValueError(
+                "`alpha` must be a positive number or None (None means "
+                "alpha=sqrt(d_in * d_out), per layer). Received: "
+                f"alpha={alpha!r}"
+            )
+        if not alpha > 0:
+            raise ValueError(
+                f"`alpha` must be positive. Received: alpha={alpha}"
+            )
+        alpha = float(alpha)
     if not isinstance(dropout, (int, float, np.number)) or not (
         0 <= dropout < 1
     ):
@@ -145,6 +146,22 @@ class AdaLoRAAdapter:
         """The constant `alpha / init_rank` in front of the adapter."""
         return self.alpha / self.init_rank
 
+    def _resolve_alpha(self):
+        """`alpha=None` means `sqrt(d_in * d_out)`, known once the kernel is.
+
+        With that default the adapter moves as fast as with SPEC.md's
+        `N(0, 1/init_rank)` factors, whose columns of `A` and rows of `B`
+        have norms `sqrt(d_in / init_rank)` and `sqrt(d_out / init_rank)`:
+        our factors are orthonormal (norm 1), so the scale carries those
+        norms instead, `sqrt(d_in * d_out) / init_rank`. With a scale of 1,
+        Adam moves each singular value `lam` by about the learning rate per
+        step and the adapter learns far slower than LoRA (measured on
+        MiniLM: test accuracy 0.650 against 0.915 after 75 steps).
+        """
+        if self.alpha is None:
+            d_in, d_out = self._adapter_matrix_shape()
+            self.alpha = float(np.sqrt(float(d_in) * float(d_out)))
+
     # Variables -------------------------------------------------------------
 
     def _check_init_rank_fits(self):
@@ -184,6 +201,7 @@ class AdaLoRAAdapter:
                 instead of the initialisers (compaction rebuilds this way).
         """
         self._check_init_rank_fits()
+        self._resolve_alpha()
         d_in, d_out = self._adapter_matrix_shape()
         rank = self.adapter_rank
         # A and B start as random orthonormal factors (orthonormal columns

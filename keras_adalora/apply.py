@@ -42,7 +42,10 @@ def apply_adalora(
         model: a built Keras model (or layer).
         init_rank: number of rank-1 components each adapter starts with.
         alpha: scale numerator; each adapter is multiplied by
-            `alpha / init_rank`. Defaults to `init_rank` (a scale of 1).
+            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of each
+            layer's kernel read as a matrix: the adapter's factors are
+            orthonormal, so the scale carries the norms SPEC.md's random
+            factors would have (see README, "Where we differ").
         target: which layers to adapt. `None`: every plain `Dense` and
             `EinsumDense`. `"attention"`: the query, key, value and output
             projections of every attention layer; `"ffn"`: the feed-forward

@@ -126,8 +126,10 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
             `keras.layers.EinsumDense`.
         init_rank: Number of rank-1 components the adapter starts with; at
             most `min(d_in, d_out)` of the kernel's matrix view.
-        alpha: Scale numerator (`alpha / init_rank`); defaults to
-            `init_rank`.
+        alpha: Scale numerator; the adapter is multiplied by
+            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of the
+            kernel read as a `(d_in, d_out)` matrix (set when the layer
+            is built).
         dropout: Dropout rate applied to the adapter's input only.
         orth_reg_weight: Weight of the orthogonality penalty added to the
             model's losses during training; `0` disables it.

@@ -20,8 +20,10 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
         output_dim: Dimension of the embedding.
         init_rank: Number of rank-1 components the adapter starts with; at
             most `min(input_dim, output_dim)`.
-        alpha: Scale numerator (`alpha / init_rank`); defaults to
-            `init_rank`.
+        alpha: Scale numerator; the adapter is multiplied by
+            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of the
+            kernel read as a `(d_in, d_out)` matrix (set when the layer
+            is built).
         dropout: Must be `0`: an embedding's inputs are token ids, which
             dropout does not apply to.
         orth_reg_weight: Weight of the orthogonality penalty added to the
