@@ -16,7 +16,7 @@ Offline, in a few minutes on a laptop CPU:
 4. prints where the rank went (`keras_adalora.summary`) and draws it
    (`rank_allocation.png`), compacts the adapters to their alive
    components, saves the adapter alone (`minilm_spam.adalora.h5`, about
-   1.4 MB) and merges it into the kernels for deployment (`merged.keras`),
+   1.6 MB) and merges it into the kernels for deployment (`merged.keras`),
    checking that the merged model predicts the same.
 
     python examples/quickstart.py                        # JAX backend
