@@ -156,7 +156,8 @@ class AdaLoRAAdapter:
         norms instead, `sqrt(d_in * d_out) / init_rank`. With a scale of 1,
         Adam moves each singular value `lam` by about the learning rate per
         step and the adapter learns far slower than LoRA (measured on
-        MiniLM: test accuracy 0.650 against 0.915 after 75 steps).
+        MiniLM after 75 steps: test accuracy 0.650 with a scale of 1,
+        0.860-0.940 over 3 seeds with this default, 0.900 for LoRA).
         """
         if self.alpha is None:
             d_in, d_out = self._adapter_matrix_shape()
