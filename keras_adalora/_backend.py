@@ -22,37 +22,143 @@ def refresh_tracked_parameters(model):
             layer._track_variables()
 
 
-def reset_compiled_state(model):
+def reset_compiled_state(model, optimizer=None):
     """Keeps a compiled model trainable after its variables changed.
 
     The traced train/test/predict functions and a built optimizer refer to
     the variables the model had. The functions are dropped (Keras retraces
-    them); a built optimizer is replaced by a fresh one of the same
-    configuration, built for the current trainable variables, that continues
-    its step counter (`iterations`, which schedules count from). Its moment
-    estimates restart from zero. A `.keras` file saved afterwards reloads.
+    them). A built optimizer is replaced by a copy of itself built for the
+    current trainable variables: same configuration (with any
+    `exclude_from_weight_decay` settings), and the state of everything that
+    survived carried over by name and shape: the step counter (`iterations`,
+    which schedules count from), the moments and EMA averages of variables
+    that are still trained (a task head), the AdaLoRA schedule. The state of
+    variables that changed shape (compacted adapters) restarts from zero. A
+    `.keras` file saved afterwards reloads.
+
+    Args:
+        model: the model whose variables changed.
+        optimizer: the optimizer to install instead of the model's own, as
+            is (`merge_adalora` passes the unwrapped, reset one); `None`
+            rebuilds the model's optimizer as described above.
     """
     if not getattr(model, "compiled", False):
         return
     model.train_function = None
     model.test_function = None
     model.predict_function = None
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and optimizer.built:
+    old = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        _install(model, old, optimizer)
+    elif old is not None and old.built:
         with _distribution.optimizer_scope(model):
-            fresh = optimizer.__class__.from_config(optimizer.get_config())
+            fresh = old.__class__.from_config(old.get_config())
+            _copy_settings(old, fresh)
             fresh.build(model.trainable_variables)
-        _innermost(fresh)._iterations.assign(_innermost(optimizer)._iterations)
-        old_scorer, new_scorer = _scorer(optimizer), _scorer(fresh)
-        if old_scorer is not None:
-            # The schedule's position survives; the scores restart.
-            new_scorer.last_mask_step.assign(old_scorer.last_mask_step)
-        model.optimizer = fresh
-        if getattr(model, "_compile_config", None) is not None:
-            model._compile_config.config["optimizer"] = fresh
+        _copy_state(old, fresh)
+        _install(model, old, fresh)
     model._compiled_trainable_state = {
         layer: layer.trainable for layer in model._flatten_layers()
     }
+
+
+def unwrapped_optimizer(optimizer):
+    """A fresh, unbuilt copy of `optimizer` without its AdaLoRA wrapper.
+
+    What a merged model keeps: the optimizer the user compiled with (inside
+    its `LossScaleOptimizer`, if any), with the same configuration and
+    weight-decay exclusions by name, and no state, as after `compile`.
+    """
+    from keras_adalora.optimizer import AdaLoRAOptimizer
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        inner = unwrapped_optimizer(optimizer.inner_optimizer)
+        config = optimizer.get_config()
+        config.pop("inner_optimizer")
+        return optimizer.__class__(inner, **config)
+    if isinstance(optimizer, AdaLoRAOptimizer):
+        return unwrapped_optimizer(optimizer.inner_optimizer)
+    fresh = optimizer.__class__.from_config(optimizer.get_config())
+    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
+    if pattern is not None:
+        fresh._exclude_from_weight_decay_pattern = pattern
+    return fresh
+
+
+def set_compiled_optimizer(model, old, new):
+    """Makes `new` the optimizer `model.save` records in place of `old`.
+
+    `compile` keeps the optimizer it was given in the compile config, which
+    `keras.saving.load_model` compiles the reloaded model with; under
+    `mixed_float16` that is the one inside the automatic
+    `LossScaleOptimizer`.
+    """
+    compile_config = getattr(model, "_compile_config", None)
+    if compile_config is None:
+        return
+    recorded = compile_config.config.get("optimizer")
+    if recorded is old:
+        compile_config.config["optimizer"] = new
+    elif (
+        isinstance(old, keras.optimizers.LossScaleOptimizer)
+        and isinstance(new, keras.optimizers.LossScaleOptimizer)
+        and recorded is old.inner_optimizer
+    ):
+        compile_config.config["optimizer"] = new.inner_optimizer
+
+
+def _install(model, old, new):
+    model.optimizer = new
+    set_compiled_optimizer(model, old, new)
+
+
+def _copy_settings(old, fresh):
+    """Settings an optimizer keeps outside its config, level by level of a
+    wrapped chain: the weight-decay exclusion pattern and the AdaLoRA
+    wrapper's per-layer constants and scoring switch."""
+    for source, target in zip(_chain(old), _chain(fresh)):
+        pattern = getattr(source, "_exclude_from_weight_decay_pattern", None)
+        if pattern is not None:
+            target._exclude_from_weight_decay_pattern = pattern
+        for attribute in ("penalty_weights", "layer_scales", "scoring"):
+            if hasattr(source, attribute):
+                setattr(target, attribute, getattr(source, attribute))
+
+
+def _copy_state(old, fresh):
+    """Copies every optimizer variable that exists in both, by name and
+    shape (optimizer slots are named after the variable they track), level
+    by level of a wrapped chain, and the variables excluded from weight
+    decay by `var_list` (by path: compaction makes new variable objects)."""
+    for source, target in zip(_chain(old), _chain(fresh)):
+        excluded = getattr(source, "_exclude_from_weight_decay", None)
+        if excluded:
+            paths = {
+                v.path for v in source._trainable_variables if id(v) in excluded
+            }
+            target._exclude_from_weight_decay = {
+                id(v) for v in target._trainable_variables if v.path in paths
+            }
+            target._exclude_from_weight_decay_cache = {}
+        saved = {}
+        for variable in _own_variables(source):
+            saved.setdefault(variable.name, []).append(variable)
+        for variable in _own_variables(target):
+            matches = [
+                v
+                for v in saved.get(variable.name, ())
+                if tuple(v.shape) == tuple(variable.shape)
+            ]
+            if len(matches) == 1:
+                variable.assign(matches[0])
+
+
+def _own_variables(optimizer):
+    """An optimizer's variables without those of the optimizer it wraps."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is None:
+        return list(optimizer.variables)
+    return list(optimizer._variables)
 
 
 def _chain(optimizer):
@@ -61,16 +167,3 @@ def _chain(optimizer):
     while optimizer is not None:
         yield optimizer
         optimizer = getattr(optimizer, "inner_optimizer", None)
-
-
-def _innermost(optimizer):
-    """The optimizer that owns the step counter of a wrapped chain."""
-    return list(_chain(optimizer))[-1]
-
-
-def _scorer(optimizer):
-    from keras_adalora.optimizer import AdaLoRAOptimizer
-
-    return next(
-        (o for o in _chain(optimizer) if isinstance(o, AdaLoRAOptimizer)), None
-    )

@@ -124,6 +124,71 @@ def _as_score_vectors(component_scores):
     return vectors
 
 
+def restrict_to_alive(component_scores, alive):
+    """The scores of the alive components only, layer by layer.
+
+    Pruning is final (README, "A pruned component stays pruned"): an
+    allocation chooses among the components still alive, and the masks it
+    returns for them are put back in place with `expand_to_layers`.
+
+    Args:
+        component_scores: one 1-D array of scores per layer.
+        alive: one boolean array per layer, the same lengths: which
+            components are alive.
+
+    Returns:
+        One 1-D float64 array per layer, the scores of its alive components
+        in component order.
+
+    Example:
+
+    >>> [s.tolist() for s in restrict_to_alive([[3.0, 1.0, 2.0]], [[1, 0, 1]])]
+    [[3.0, 2.0]]
+    """
+    vectors = _as_score_vectors(component_scores)
+    if len(alive) != len(vectors):
+        raise ValueError(
+            f"`alive` must hold one mask per layer: got {len(alive)} masks "
+            f"for {len(vectors)} layers."
+        )
+    restricted = []
+    for layer, (scores, mask) in enumerate(zip(vectors, alive)):
+        mask = np.asarray(mask, dtype=bool).reshape(-1)
+        if mask.size != scores.size:
+            raise ValueError(
+                f"Layer {layer} has {scores.size} scores but an alive mask of "
+                f"{mask.size} entries."
+            )
+        restricted.append(scores[mask])
+    return restricted
+
+
+def expand_to_layers(masks, alive):
+    """Puts masks over the alive components back at full layer length.
+
+    The inverse of `restrict_to_alive`: pruned components stay `False`.
+
+    Args:
+        masks: one boolean array per layer over its alive components.
+        alive: one boolean array per layer over all its components.
+
+    Returns:
+        One boolean array per layer, of the length of its `alive` mask.
+
+    Example:
+
+    >>> [m.tolist() for m in expand_to_layers([[False, True]], [[1, 0, 1]])]
+    [[False, False, True]]
+    """
+    expanded = []
+    for mask, where in zip(masks, alive):
+        where = np.asarray(where, dtype=bool).reshape(-1)
+        full = np.zeros(where.size, dtype=bool)
+        full[np.flatnonzero(where)] = np.asarray(mask, dtype=bool)
+        expanded.append(full)
+    return expanded
+
+
 def _keep_best(scores, count):
     order = np.lexsort((np.arange(scores.size), _ranking_key(scores)))
     mask = np.zeros(scores.size, dtype=bool)

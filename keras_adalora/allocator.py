@@ -5,6 +5,7 @@ the optimizer (an `AdaLoRAOptimizer`) updates the scores at every step, and
 `allocator.update(step)` writes the masks when the schedule says so.
 """
 
+import numpy as np
 from keras import ops
 
 from keras_adalora import allocation as allocation_lib
@@ -68,11 +69,14 @@ def validate_budget_args(
 class RankAllocator:
     """Writes the rank masks of a model's AdaLoRA layers on a budget schedule.
 
-    Budgets follow SPEC.md sections 4 and 5: `B0 = init_rank * n` components
-    alive through `tinit`, the cubic decay to `BT = target_rank * n` (or
-    `total_rank`) by `tfinal`, recomputed every `delta_t` steps, then frozen.
-    Which components stay alive comes from the scores that `optimizer` (an
-    `AdaLoRAOptimizer` built for the model's trainable variables) keeps.
+    Budgets follow SPEC.md sections 4 and 5: `B0` components alive through
+    `tinit` (all the adapters hold when the schedule starts), the cubic
+    decay to `BT = target_rank * n` (or `total_rank`) by `tfinal`,
+    recomputed every `delta_t` steps, then frozen. Which components stay
+    alive comes from the scores that `optimizer` (an `AdaLoRAOptimizer`
+    built for the model's trainable variables) keeps. Pruning is final: a
+    mask update chooses among the components still alive, so a pruned
+    component never comes back.
 
     In a custom training loop, call `update(step)` after each optimizer step
     (`step` counting optimizer updates from 1). It reads nothing from the
@@ -94,7 +98,6 @@ class RankAllocator:
     ...     [keras.Input((8,)), keras.layers.Dense(4, name="hidden")])
     >>> model = apply_adalora(model, init_rank=3)
     >>> optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(1e-3))
-    >>> optimizer.watch(model)
     >>> optimizer.build(model.trainable_variables)
     >>> allocator = RankAllocator(model, optimizer, target_rank=1,
     ...                           tinit=100, tfinal=800, total_steps=1000)
@@ -131,6 +134,7 @@ class RankAllocator:
             total_rank=total_rank,
         )
         self.optimizer = optimizer
+        optimizer.watch(model)
         self.configure_schedule(
             tinit=schedule.resolve_step(tinit, total_steps, "tinit"),
             tfinal=schedule.resolve_step(tfinal, total_steps, "tfinal"),
@@ -138,6 +142,7 @@ class RankAllocator:
             delta_t=delta_t,
         )
         self.sync_state()
+        self.initial_budget = self.start_budget()
 
     @classmethod
     def for_model(cls, model, caller="RankAllocator", **budget):
@@ -177,6 +182,7 @@ class RankAllocator:
         )
         layers = require_adapted_layers(model, caller)
         capacities = [layer.adapter_rank for layer in layers]
+        alive = [layer.active_rank for layer in layers]
         if init_rank is None:
             layer_init = max(layer.init_rank for layer in layers)
             if target_rank > layer_init:
@@ -186,7 +192,6 @@ class RankAllocator:
                     "ranks. Lower target_rank, or adapt with a larger "
                     "init_rank."
                 )
-            initial_budget = sum(capacities)
         else:
             if init_rank > max(capacities):
                 raise ValueError(
@@ -194,14 +199,23 @@ class RankAllocator:
                     f"hold ({max(capacities)} components at most). Leave "
                     "init_rank=None to use the adapters' own."
                 )
-            initial_budget = sum(min(init_rank, c) for c in capacities)
+            if init_rank < max(alive):
+                raise ValueError(
+                    f"`init_rank`={init_rank} is below the rank the adapters "
+                    f"hold now (up to {max(alive)} alive components per "
+                    f"layer, {sum(alive)} in all): the budget would start "
+                    "below what is alive and the first mask update would "
+                    "prune down to it at once. Leave init_rank=None (the "
+                    "budget starts from what the adapters hold), or adapt "
+                    f"with `apply_adalora(model, init_rank={init_rank})`."
+                )
         target_budget = (
             total_rank if total_rank is not None else target_rank * len(layers)
         )
-        if target_budget > initial_budget:
+        if target_budget > sum(capacities):
             raise ValueError(
                 f"The final budget ({target_budget} components) is above the "
-                f"initial one ({initial_budget}): lower target_rank or "
+                f"initial one ({sum(capacities)}): lower target_rank or "
                 "total_rank."
             )
         allocation_lib.check_budget(
@@ -211,34 +225,71 @@ class RankAllocator:
         self.paths = [layer_path(layer) for layer in layers]
         self.allocation = allocation
         self.min_rank, self.max_rank = min_rank, max_rank
-        self.initial_budget, self.target_budget = initial_budget, target_budget
-        # While pruning, b(t) can exceed what max_rank lets the layers hold;
-        # then every layer keeps its max (SPEC.md section 5).
-        self.most_alive = int(
-            allocation_lib.rank_bounds(
-                capacities, min_rank=min_rank, max_rank=max_rank
-            )[1].sum()
-        )
+        self.target_budget = target_budget
 
-    def configure_schedule(self, *, tinit, tfinal, total_steps, delta_t):
-        """Sets the (absolute) schedule, checked by `validate_schedule`."""
+    def start_budget(self):
+        """The budget a new schedule starts from, `B0`: every component
+        alive now (all of fresh adapters, fewer when a new schedule starts
+        on pruned ones), checked against the final budget.
+
+        Raises:
+            ValueError: when fewer components are alive than the final
+                budget asks for.
+        """
+        alive = [int(mask.sum()) for mask in self.masks]
+        if self.target_budget > sum(alive):
+            raise ValueError(
+                f"The final budget ({self.target_budget} components) is above "
+                f"the {sum(alive)} components alive in the adapters (pruned "
+                "by an earlier schedule): lower target_rank or total_rank."
+            )
+        allocation_lib.check_budget(
+            self.target_budget, alive, min_rank=self.min_rank, max_rank=self.max_rank
+        )
+        return sum(alive)
+
+    def configure_schedule(
+        self,
+        *,
+        tinit,
+        tfinal,
+        total_steps,
+        delta_t,
+        initial_budget=None,
+        target_budget=None,
+        start=0,
+    ):
+        """Sets the (absolute) schedule, checked by `validate_schedule`;
+        `initial_budget`/`target_budget` replace the budgets computed from
+        the model (a stored schedule's), `start` is the step AdaLoRA
+        training started at."""
         schedule.validate_schedule(
             tinit=tinit, tfinal=tfinal, total_steps=total_steps, delta_t=delta_t
         )
-        if self.optimizer.importance == "frobenius" and tinit == 0:
+        if self.optimizer.importance == "frobenius" and tinit <= start:
             raise ValueError(
                 "importance='frobenius' scores layers by ||delta_W||_F, which "
                 "is 0 until training moves lam: pass tinit > 0 (a warm-up)."
             )
         self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
         self.total_steps = total_steps
+        if initial_budget is not None:
+            self.initial_budget = initial_budget
+        if target_budget is not None:
+            self.target_budget = target_budget
 
     def sync_state(self):
-        """Re-reads the last mask step and the alive components from the
-        variables (after a restore, or a JAX loop's write-back)."""
+        """Re-reads the last mask step and the masks from the variables
+        (after a restore, or a JAX loop's write-back)."""
         last = int(ops.convert_to_numpy(self.optimizer.last_mask_step))
         self.last_mask_step = None if last < 0 else last
-        self.alive = sum(layer.active_rank for layer in self.layers)
+        self._set_masks([_read_mask(layer) for layer in self.layers])
+
+    @property
+    def alive(self):
+        """Alive components in all layers, as the allocator last wrote or
+        read them."""
+        return int(sum(mask.sum() for mask in self.masks))
 
     @property
     def frozen(self):
@@ -246,7 +297,8 @@ class RankAllocator:
         return self.last_mask_step is not None and self.last_mask_step >= self.tfinal
 
     def budget_at(self, step):
-        """`b(step)` in components, capped by what `max_rank` allows."""
+        """`b(step)` in components (SPEC.md section 5), capped by what the
+        alive components and `max_rank` let the layers hold."""
         budget = schedule.budget_at(
             step,
             initial_budget=self.initial_budget,
@@ -254,7 +306,7 @@ class RankAllocator:
             tinit=self.tinit,
             tfinal=self.tfinal,
         )
-        return min(budget, self.most_alive)
+        return min(budget, self._most_alive)
 
     def due(self, step):
         """Whether `update(step)` would write the masks."""
@@ -269,28 +321,65 @@ class RankAllocator:
     def update(self, step):
         """Writes the masks if the schedule says so at `step`.
 
+        The `b(step)` best components among the alive ones stay alive (all
+        of them when fewer are alive, or when `max_rank` lets the layers
+        keep fewer).
+
         Returns:
             Whether the masks were written.
         """
         if not self.due(step):
             return False
+        alive = [mask > 0.5 for mask in self.masks]
+        scores, layer_scores = self.optimizer.scores_on_host(self.paths, alive)
+        candidates = allocation_lib.restrict_to_alive(scores, alive)
         budget = self.budget_at(step)
-        scores, layer_scores = self.optimizer.scores_on_host(self.paths)
         if self.allocation == "global":
-            masks = allocation_lib.allocate_global(
-                scores, budget, min_rank=self.min_rank, max_rank=self.max_rank
+            kept = allocation_lib.allocate_global(
+                candidates, budget, min_rank=self.min_rank, max_rank=self.max_rank
             )
         else:
-            masks = allocation_lib.allocate_by_layer(
+            kept = allocation_lib.allocate_by_layer(
                 layer_scores,
-                scores,
+                candidates,
                 budget,
                 min_rank=self.min_rank,
                 max_rank=self.max_rank,
             )
-        for layer, mask in zip(self.layers, masks):
-            layer.rank_mask.assign(mask.astype("float32"))
+        self.write_masks(allocation_lib.expand_to_layers(kept, alive))
         self.optimizer.last_mask_step.assign(step)
         self.last_mask_step = step
-        self.alive = int(sum(int(mask.sum()) for mask in masks))
         return True
+
+    def write_masks(self, masks):
+        """Sets the layers' rank masks (and the allocator's record of them)."""
+        self._set_masks(masks)
+        for layer, mask in zip(self.layers, self.masks):
+            layer.rank_mask.assign(mask)
+
+    def _set_masks(self, masks):
+        self.masks = [np.asarray(mask, dtype="float32") for mask in masks]
+        # While pruning, b(t) can exceed what max_rank lets the alive
+        # components hold; then every layer keeps its most (SPEC.md
+        # section 5).
+        self._most_alive = int(
+            allocation_lib.rank_bounds(
+                [int(mask.sum()) for mask in self.masks],
+                min_rank=self.min_rank,
+                max_rank=self.max_rank,
+            )[1].sum()
+        )
+        self.optimizer.record_masks(dict(zip(self.paths, self.masks)))
+
+    def masks_differ(self):
+        """The layers whose rank masks differ from what the allocator last
+        wrote or read (weights restored behind its back): their paths."""
+        return [
+            path
+            for path, layer, mask in zip(self.paths, self.layers, self.masks)
+            if not np.array_equal(_read_mask(layer), mask)
+        ]
+
+
+def _read_mask(layer):
+    return np.asarray(ops.convert_to_numpy(layer.rank_mask), dtype="float32")

@@ -2,6 +2,7 @@
 
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
+from keras_adalora.adapted_model import mark_adapted
 from keras_adalora.adapter import validate_adapter_args
 from keras_adalora.targets import adapter_class_for
 from keras_adalora.targets import select_layers
@@ -34,9 +35,15 @@ def apply_adalora(
     - every other weight of the model is frozen (`layer.trainable = False`),
       as in PEFT. Unfreeze a layer afterwards with `layer.trainable = True`.
 
+    The model remembers how it was adapted: `model.save` / `load_model`
+    (with keras_adalora imported) restore the adapters, their ranks and
+    what is frozen, for any model, KerasHub models included.
+
     Best called before `model.compile()`. On a model already compiled and
     trained, the optimizer is rebuilt for the new trainable variables (its
-    step counter continues, its moments restart).
+    step counter continues, and the state of the weights that still train,
+    a head's moments, is kept); a `RankBudgetCallback` schedule then counts
+    from the step where AdaLoRA training starts.
 
     Args:
         model: a built Keras model (or layer).
@@ -47,7 +54,10 @@ def apply_adalora(
             orthonormal, so the scale carries the norms SPEC.md's random
             factors would have (see README, "Where we differ").
         target: which layers to adapt. `None`: every plain `Dense` and
-            `EinsumDense`. `"attention"`: the query, key, value and output
+            `EinsumDense` whose kernel can hold `init_rank` components (a
+            layer smaller than that, such as a head with few classes, is
+            not adapted; with `keep_trainable=None` it trains fully, which
+            costs fewer parameters than a full-rank adapter). `"attention"`: the query, key, value and output
             projections of every attention layer; `"ffn"`: the feed-forward
             projections of every transformer block; `"all"`: both (these
             names find the layers from the model's structure, so they work
@@ -56,18 +66,19 @@ def apply_adalora(
             and `Embedding` layers whose `layer.path` contains a match
             (`re.search`), so KerasHub's `enable_lora` names work too:
             `target=backbone.default_lora_layer_names()`. A callable
-            `layer -> bool`: the layers it accepts (each must be a kind
-            AdaLoRA adapts).
+            `layer -> bool`: the `Dense`, `EinsumDense` and `Embedding`
+            layers it accepts (it is only called on those).
         orth_reg_weight: weight of the orthogonality penalty each adapted
             layer adds to the model's losses during training; `0` disables it.
         dropout: dropout rate on the adapters' inputs (not applied to
             `Embedding` layers, whose inputs are token ids).
         keep_trainable: layers that keep training fully instead of being
             frozen or adapted, chosen like `target` (regexes, named sets or
-            a callable). `None` (the default) keeps a KerasHub task's head
-            trainable (its layers with weights outside the backbone, such as
-            `BertTextClassifier`'s `logits`) and nothing in other models;
-            `[]` keeps nothing.
+            a callable, called on the layers that own weights). `None` (the
+            default) keeps a KerasHub task's head trainable (its layers with
+            weights outside the backbone, such as `BertTextClassifier`'s
+            `logits`) and, with `target=None`, the layers too small to
+            adapt; `[]` keeps nothing.
 
     Returns:
         `model`, adapted in place.
@@ -103,7 +114,9 @@ def apply_adalora(
     12
     """
     validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
-    to_adapt, to_keep = select_layers(model, target, keep_trainable)
+    to_adapt, to_keep = select_layers(
+        model, target, keep_trainable, init_rank=init_rank
+    )
     classes = []
     for layer in to_adapt:
         cls = adapter_class_for(layer)
@@ -122,7 +135,7 @@ def apply_adalora(
     freeze_all_but(model, to_adapt + to_keep)
     refresh_tracked_parameters(model)
     reset_compiled_state(model)
-    return model
+    return mark_adapted(model)
 
 
 def freeze_all_but(model, trainable_layers):

@@ -1,9 +1,13 @@
 """`RankBudgetCallback`: AdaLoRA's rank schedule inside `model.fit`."""
 
+import warnings
+
 import keras
 from keras import ops
 
 from keras_adalora import _distribution
+from keras_adalora import adapted_model
+from keras_adalora._backend import set_compiled_optimizer
 from keras_adalora import importance as importance_lib
 from keras_adalora import schedule
 from keras_adalora.allocator import RankAllocator
@@ -24,42 +28,64 @@ class RankBudgetCallback(keras.callbacks.Callback):
     `AdaLoRAOptimizer`, which updates every adapter component's importance
     score from each step's gradients inside the compiled train step (SPEC.md
     section 3). The callback then follows AdaLoRA's three phases (SPEC.md
-    section 5), counting `t` in optimizer steps:
+    section 5), counting `t` in optimizer steps from where AdaLoRA training
+    starts (step 0 on a freshly compiled model; later on a model that
+    trained before it was adapted):
 
     - `t <= tinit`: warm-up, every component alive;
     - `tinit < t < tfinal`: every `delta_t` steps the budget
       `b(t) = BT + (B0 - BT) * (1 - (t - tinit) / (tfinal - tinit))^3`
-      (floored) is recomputed and only the `b(t)` best components stay
-      alive (`rank_mask` = 1);
+      (floored) is recomputed and only the `b(t)` best components among the
+      alive ones stay alive (`rank_mask` = 1): a pruned component never
+      comes back;
     - `t >= tfinal`: exactly `BT` components alive, masks frozen, scoring
       off (the rest of training costs what LoRA costs).
 
-    `B0 = init_rank * n` and `BT = target_rank * n` (or `total_rank`) for
-    `n` adapted layers. `t` is the optimizer's step counter, so several
-    `fit` calls continue one schedule, and everything the schedule needs
-    (scores, last mask step, masks, step) lives in variables saved with the
-    model and its optimizer: `BackupAndRestore` and checkpoints resume it
-    exactly. Every batch and epoch log gains `adalora_budget` (`b(t)`) and
+    `B0` is every component alive when the schedule starts (`init_rank * n`
+    on fresh adapters) and `BT = target_rank * n` (or `total_rank`) for `n`
+    adapted layers.
+
+    One schedule per compiled model. It is resolved once, at the first
+    `fit` with this callback (fractions of `tinit`, `tfinal` taken of that
+    fit's length unless `total_steps` says otherwise), and stored with the
+    optimizer's state together with the scores and the last mask step; the
+    masks are model variables. Later `fit` calls continue it (a schedule
+    frozen in one fit stays frozen in the next), and `BackupAndRestore`,
+    `ModelCheckpoint` files and `model.save` resume it exactly. A later
+    `fit` whose callback asks for another schedule is refused before
+    training; compile the model again to start a new one on the ranks that
+    are alive. At the end of `fit`, weights restored behind the callback's
+    back (`EarlyStopping(restore_best_weights=True)`) keep the masks the
+    callback last wrote, with a warning: the model always holds the ranks
+    the logs report.
+
+    Every batch and epoch log gains `adalora_budget` (`b(t)`) and
     `adalora_rank` (alive components in all); put this callback before
     `TensorBoard` or `CSVLogger` in the list so they record them.
 
     Args:
         target_rank: average rank per adapted layer at the end of pruning.
-        init_rank: average rank per layer at the start of pruning; defaults
-            to the adapters' own `init_rank`.
-        tinit: last warm-up step: an optimizer step, or a float in (0, 1)
-            for that fraction of `total_steps`.
-        tfinal: step from which ranks are frozen (absolute, unlike PEFT's
-            `tfinal`, which counts the final phase's length), or a fraction.
-        total_steps: last optimizer step of training. Defaults to where this
-            `fit` call will end; when given, it wins.
+        init_rank: rank per layer at the start of pruning. Only a check: it
+            must lie between the largest alive rank of an adapter and the
+            largest rank an adapter holds; `None` (the default) uses what
+            the adapters hold.
+        tinit: last warm-up step, counted from where AdaLoRA training
+            starts: a number of optimizer steps, or a float in (0, 1) for
+            that fraction of `total_steps`.
+        tfinal: step from which ranks are frozen, counted like `tinit`
+            (unlike PEFT's `tfinal`, which counts the final phase's length),
+            or a fraction.
+        total_steps: optimizer steps of AdaLoRA training in all. Defaults to
+            the length of the first `fit` (give it to spread one schedule
+            over several fits).
         delta_t: steps between two mask updates while pruning.
         beta1: EMA factor of the sensitivity.
         beta2: EMA factor of the uncertainty.
         importance: `"sensitivity"` (the paper's `|theta * grad|`, smoothed,
             times its uncertainty) or `"frobenius"` (the design note's
-            smoothed `||delta_W||_F` per layer, components ranked by
-            `|lam|`; needs `tinit > 0`).
+            smoothed `||delta_W||_F` per layer, of the scaled and masked
+            update the layer adds; components ranked by `|lam|`; needs
+            `tinit > 0`).
         allocation: `"global"` (the best components across all layers) or
             `"layer"` (each layer gets rank in proportion to its score,
             `clip(min_rank, max_rank, b * s_l / sum s)`).
@@ -214,40 +240,63 @@ class RankBudgetCallback(keras.callbacks.Callback):
                 "gradient reaches them. Unfreeze them (`layer.trainable = "
                 "True`) and compile again."
             )
-        setattr(holder, attribute, wrapper)
-        compile_config = getattr(model, "_compile_config", None)
-        if compile_config is not None and holder is model:
-            compile_config.config["optimizer"] = wrapper
-        # Retrace: an existing train function would call the bare optimizer.
-        model.train_function = None
+        self._swap_optimizer(holder, attribute, optimizer, wrapper)
         self._optimizer = wrapper
-        self._installed = (holder, attribute, optimizer)
+        self._installed = (holder, attribute, optimizer, wrapper)
+
+    def _swap_optimizer(self, holder, attribute, old, new):
+        setattr(holder, attribute, new)
+        # `model.save` records the wrapper, so that a reloaded model
+        # continues with its scores and schedule.
+        set_compiled_optimizer(self.model, old, new)
+        # Retrace: an existing train function would call the old optimizer.
+        self.model.train_function = None
 
     def _uninstall_optimizer(self):
         if self._installed is None:
             return
-        holder, attribute, optimizer = self._installed
-        setattr(holder, attribute, optimizer)
-        compile_config = getattr(self.model, "_compile_config", None)
-        if compile_config is not None and holder is self.model:
-            compile_config.config["optimizer"] = optimizer
-        self.model.train_function = None
+        holder, attribute, optimizer, wrapper = self._installed
+        self._swap_optimizer(holder, attribute, wrapper, optimizer)
         self._installed = None
 
     def _steps_per_update(self):
         return self._optimizer.inner_optimizer.gradient_accumulation_steps or 1
 
-    def _read_state(self, first_epoch):
-        """Resolves the schedule from where training stands (the JAX state
-        synced); raises before training if it is invalid."""
+    def _read_state(self, first_epoch, store):
+        """Sets the allocator up from where training stands (the JAX state
+        synced): the stored schedule if AdaLoRA training already started on
+        this model (checked against this callback's arguments), else a new
+        one starting now (stored when `store`). Raises before training if
+        either is invalid."""
         self.model  # noqa: B018 -- syncs the JAX state
-        per_update = self._steps_per_update()
         self._micro_step = int(
             ops.convert_to_numpy(self._optimizer.applied_batches)
         )
-        step = self._micro_step // per_update
-        total = self.total_steps
-        if total is None:
+        step = self._micro_step // self._steps_per_update()
+        self._allocator.sync_state()
+        stored = self._optimizer.read_schedule()
+        if stored is None:
+            stored = self._new_schedule(step, first_epoch)
+            if store:
+                self._optimizer.write_schedule(stored)
+        else:
+            self._check_schedule(stored)
+        self._allocator.configure_schedule(
+            tinit=stored["tinit"],
+            tfinal=stored["tfinal"],
+            total_steps=stored["total_steps"],
+            delta_t=self.delta_t,
+            initial_budget=stored["initial_budget"],
+            target_budget=stored["target_budget"],
+            start=stored["start"],
+        )
+        self._set_scoring(not self._allocator.frozen)
+
+    def _new_schedule(self, step, first_epoch):
+        """The schedule of AdaLoRA training starting at optimizer step
+        `step`: `tinit`, `tfinal` and `total_steps` count from there."""
+        length = self.total_steps
+        if length is None:
             steps = self.params.get("steps") if self.params else None
             epochs = self.params.get("epochs") if self.params else None
             if not steps or not epochs:
@@ -257,15 +306,56 @@ class RankBudgetCallback(keras.callbacks.Callback):
                     "`total_steps=` (optimizer steps), or `steps_per_epoch=` "
                     "to fit."
                 )
-            total = step + (epochs - first_epoch) * steps // per_update
-        self._allocator.configure_schedule(
-            tinit=schedule.resolve_step(self.tinit, total, "tinit"),
-            tfinal=schedule.resolve_step(self.tfinal, total, "tfinal"),
-            total_steps=total,
-            delta_t=self.delta_t,
+            length = (epochs - first_epoch) * steps // self._steps_per_update()
+        tinit = schedule.resolve_step(self.tinit, length, "tinit")
+        tfinal = schedule.resolve_step(self.tfinal, length, "tfinal")
+        schedule.validate_schedule(
+            tinit=tinit, tfinal=tfinal, total_steps=length, delta_t=self.delta_t
         )
-        self._allocator.sync_state()
-        self._set_scoring(not self._allocator.frozen)
+        return {
+            "start": step,
+            "tinit": step + tinit,
+            "tfinal": step + tfinal,
+            "total_steps": step + length,
+            "initial_budget": self._allocator.start_budget(),
+            "target_budget": self._allocator.target_budget,
+        }
+
+    def _check_schedule(self, stored):
+        """Raises unless this callback asks for the schedule `stored`."""
+        start = stored["start"]
+        length = stored["total_steps"] - start
+        asked = {
+            "tinit": start + schedule.resolve_step(self.tinit, length, "tinit"),
+            "tfinal": start + schedule.resolve_step(self.tfinal, length, "tfinal"),
+            "target_budget": self._allocator.target_budget,
+        }
+        if self.total_steps is not None:
+            asked["total_steps"] = start + self.total_steps
+        differ = [key for key, value in asked.items() if value != stored[key]]
+        if not differ:
+            return
+
+        def describe(values):
+            return ", ".join(
+                f"{key}={values[key] - (start if key != 'target_budget' else 0)}"
+                for key in differ
+            )
+
+        raise ValueError(
+            "This model's AdaLoRA schedule was fixed when its AdaLoRA "
+            f"training started, at optimizer step {start}: warm-up to step "
+            f"{stored['tinit'] - start}, pruning to step "
+            f"{stored['tfinal'] - start}, {stored['total_steps'] - start} "
+            f"steps in all, budget {stored['initial_budget']} -> "
+            f"{stored['target_budget']} components (steps counted from "
+            f"{start}). This RankBudgetCallback asks for {describe(asked)} "
+            f"instead of {describe(stored)}. A later `fit` continues the "
+            "stored schedule: pass the arguments it was made with (the same "
+            "callback, or `total_steps=` for a schedule over several fits "
+            "from the start). To start a new schedule on the ranks that are "
+            "alive now, compile the model again (a fresh optimizer)."
+        )
 
     def _set_scoring(self, on):
         if self._optimizer.scoring != on:
@@ -275,12 +365,18 @@ class RankBudgetCallback(keras.callbacks.Callback):
     # Training hooks -------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        self._started = False
         try:
-            self._read_state(first_epoch=0)
+            # Checks the schedule now, before any other callback acts; it is
+            # stored at the first epoch, once a `BackupAndRestore` listed
+            # after this callback has restored a stored one.
+            self._read_state(first_epoch=0, store=False)
         except Exception:
             self._uninstall_optimizer()
             raise
         self._first_epoch_seen = False
+        self._started = True
+        adapted_model.join_fit(self.model, self)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._batch_in_epoch = -1
@@ -288,7 +384,11 @@ class RankBudgetCallback(keras.callbacks.Callback):
             # Another callback may have restored a backup, or fit may start
             # at `initial_epoch`: resolve the schedule from where it stands.
             self._first_epoch_seen = True
-            self._read_state(first_epoch=epoch)
+            try:
+                self._read_state(first_epoch=epoch, store=True)
+            except Exception:
+                self._uninstall_optimizer()
+                raise
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last step of this execution within the epoch; with
@@ -310,6 +410,55 @@ class RankBudgetCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._log(self._micro_step // self._steps_per_update(), logs)
+
+    def on_train_end(self, logs=None):
+        self.check_final_ranks()
+
+    def check_final_ranks(self):
+        """Makes the adapters hold the ranks this callback last reported.
+
+        Restoring a snapshot taken while pruning (as
+        `EarlyStopping(restore_best_weights=True)` does at the end of
+        training) would bring back the rank masks of that step: more
+        components alive than the callback logged, above the budget. The
+        masks it last wrote are re-applied (pruned components stay pruned;
+        the other restored weights are kept), with a warning. Runs at the
+        end of training and, for a model adapted with `apply_adalora`,
+        once more when `fit` returns, after every callback.
+        """
+        if not getattr(self, "_started", False):
+            return
+        self.model  # noqa: B018 -- syncs the JAX state
+        changed = self._allocator.masks_differ()
+        if not changed:
+            return
+        restored = sum(
+            int(round(float(ops.sum(layer.rank_mask))))
+            for layer in self._allocator.layers
+        )
+        self._allocator.write_masks(self._allocator.masks)
+        steps = self.params.get("steps") if self.params else None
+        tfinal = self._allocator.tfinal
+        epochs_hint = (
+            f" (`start_from_epoch={-(-tfinal // steps)}` with "
+            f"{steps} steps per epoch)"
+            if steps
+            else ""
+        )
+        warnings.warn(
+            f"The rank masks of {len(changed)} AdaLoRA layers (e.g. "
+            f"'{changed[0]}') were restored to an earlier state by another "
+            f"callback or a `set_weights` (such as "
+            "`EarlyStopping(restore_best_weights=True)`), with "
+            f"{restored} components alive where the schedule had kept "
+            f"{self._allocator.alive}. The schedule's masks are back in "
+            "place, so the model holds the ranks training logged; the other "
+            "restored weights were trained with more components alive, so "
+            "the outputs differ from the restored snapshot's. To restore "
+            "only weights trained at the final ranks, start EarlyStopping "
+            f"after the ranks freeze at step {tfinal}{epochs_hint}.",
+            stacklevel=2,
+        )
 
     def _log(self, step, logs):
         if logs is None:

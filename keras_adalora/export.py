@@ -2,6 +2,9 @@
 
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
+from keras_adalora._backend import unwrapped_optimizer
+from keras_adalora.adapted_model import unmark_adapted
+from keras_adalora.targets import mark_merged
 from keras_adalora.targets import adapted_layers
 from keras_adalora.targets import require_adapted_layers
 from keras_adalora.targets import layer_path
@@ -39,8 +42,10 @@ def compact_adalora(model):
 
     A compacted model can train further (the adapter keeps its learned
     components, with fewer parameters and less compute). In a compiled
-    model, the optimizer is rebuilt for the new variables: its step counter
-    continues and its moment estimates restart.
+    model, the optimizer is rebuilt for the new variables: its step counter,
+    the AdaLoRA schedule and the state of the weights that did not change
+    (a head's moments) carry over; the adapters' moment estimates and
+    scores restart.
 
     Args:
         model: a model holding AdaLoRA layers.
@@ -66,16 +71,29 @@ def compact_adalora(model):
 
 
 def merge_adalora(model):
-    """Folds every adapter into its kernel, leaving plain Keras layers.
+    """Folds every adapter into its kernel, leaving a plain Keras model.
 
     Each adapted layer becomes the plain `Dense`, `EinsumDense` or
-    `Embedding` it was, with kernel `W + delta_W` in the kernel's dtype. The
-    model computes the same outputs (up to float rounding), runs at the cost
-    of the original model, and saves as a `.keras` file that loads without
-    `keras_adalora` installed. The merged layers' weights are ordinary
-    trainable weights again; the adapters are gone (save them first with
-    `model.save` if you may want them back). A compiled model's optimizer is
-    rebuilt for the new variables (step counter kept, moments restarted).
+    `Embedding` it was, with kernel `W + delta_W` in the kernel's dtype, and
+    the model gets its own class back. The model computes the same outputs
+    (up to float rounding), runs at the cost of the original model, and
+    saves as a `.keras` file that loads without keras_adalora, is no larger
+    than the base model's, and loads without warnings (a KerasHub task
+    loads as Keras loads any KerasHub task: pass `compile=False` to
+    `load_model` to skip its note that KerasHub's `compile` is custom).
+
+    Merging ends training. The merged model is a deployment artifact:
+
+    - it is frozen (`model.trainable = False`): set `trainable = True` on
+      the model or on some layers to train it further, as on any Keras
+      model;
+    - a compiled model keeps the optimizer you compiled with (inside its
+      `LossScaleOptimizer` if any), reset as after `compile`: the same
+      configuration, without the AdaLoRA wrapper, its scores and schedule,
+      or any moment estimates (what a frozen model's file would hold).
+
+    The adapters are gone: save them first (`save_adapter`, or `model.save`
+    of the adapted model) if you may want them back.
 
     Args:
         model: a model holding AdaLoRA layers.
@@ -87,12 +105,18 @@ def merge_adalora(model):
 
     >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     >>> model = merge_adalora(apply_adalora(model, init_rank=2))
-    >>> type(model.layers[0]).__name__
-    'Dense'
+    >>> type(model.layers[0]).__name__, model.trainable
+    ('Dense', False)
     """
     layers = require_adapted_layers(model, "merge_adalora")
     for layer in layers:
         layer.revert_in_place()
+    for obj in model._flatten_layers(include_self=True):
+        unmark_adapted(obj)
+    model.trainable = False
     refresh_tracked_parameters(model)
-    reset_compiled_state(model)
+    optimizer = getattr(model, "optimizer", None)
+    if getattr(model, "compiled", False) and optimizer is not None:
+        reset_compiled_state(model, optimizer=unwrapped_optimizer(optimizer))
+    mark_merged(model)
     return model

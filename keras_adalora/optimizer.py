@@ -9,10 +9,13 @@ same route `keras.optimizers.LossScaleOptimizer` takes).
 
 The scores are optimizer variables: the JAX trainer only carries optimizer
 variables through its pure train step, and they are saved and restored with
-the optimizer (`model.save`, `BackupAndRestore`, checkpoints).
+the optimizer (`model.save`, `BackupAndRestore`, checkpoints). So is the
+rank schedule `RankBudgetCallback` resolves when AdaLoRA training starts
+(`read_schedule`, `write_schedule`), so that it survives them too.
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -27,6 +30,18 @@ from keras_adalora.adapter import LAM_NAME
 
 IMPORTANCE_KINDS = ("sensitivity", "frobenius")
 _ADAPTER_NAMES = (A_NAME, LAM_NAME, B_NAME)
+# The rank schedule as stored in `AdaLoRAOptimizer.schedule`, all in
+# optimizer steps except the budgets (components): where AdaLoRA training
+# started, the last warm-up step, the step the ranks freeze at, the last
+# step of training, and the budgets B0 and BT (SPEC.md section 5).
+SCHEDULE_FIELDS = (
+    "start",
+    "tinit",
+    "tfinal",
+    "total_steps",
+    "initial_budget",
+    "target_budget",
+)
 
 
 def layer_key(variable):
@@ -47,7 +62,10 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
     `importance="sensitivity"` (SPEC.md section 3) keeps, for every adapter
     entry, the smoothed sensitivity `I_bar` and uncertainty `U_bar` of
     `|theta * grad|`. `importance="frobenius"` keeps one smoothed
-    `||delta_W||_F` per layer. Steps with non-finite adapter gradients leave
+    `||delta_W||_F` per layer, of the update the layer adds (its scale and
+    rank mask included; the allocator keeps a copy of the masks here). An
+    adapter no loss depends on scores as if its gradient were zero, on
+    every backend. Steps with non-finite adapter gradients leave
     the scores untouched. With `gradient_accumulation_steps` on the inner
     optimizer, scores are updated once per real update, from the averaged
     accumulated gradients.
@@ -106,6 +124,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         self.beta2 = float(beta2)
         self.importance = importance
         self.penalty_weights = {}
+        self.layer_scales = {}
         # Python flag read when the train step is traced: once the ranks are
         # frozen the callback turns scoring off and retraces, so the final
         # phase costs what plain LoRA costs.
@@ -146,6 +165,23 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                     name="frobenius",
                 )
             ]
+            # The Frobenius score is the norm of what a layer adds, which
+            # depends on its rank mask; a JAX train step cannot read model
+            # variables from inside the optimizer, so the allocator keeps a
+            # copy of the masks here (see `record_masks`).
+            self._mask_offsets = {}
+            offset = 0
+            for key, parts in self._adapter_layers.items():
+                size = int(parts[LAM_NAME].shape[0])
+                self._mask_offsets[key] = (offset, size)
+                offset += size
+            self.mask_copy = self.add_variable(
+                shape=(offset,),
+                initializer="ones",
+                dtype="float32",
+                aggregation=_distribution.REPLICATED_AGGREGATION,
+                name="rank_masks",
+            )
         # The step of the last mask update, kept with the optimizer state so
         # that a resumed run continues the same schedule.
         self.last_mask_step = self.add_variable(
@@ -154,6 +190,15 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             dtype="int",
             aggregation=_distribution.REPLICATED_AGGREGATION,
             name="last_mask_step",
+        )
+        # The rank schedule, resolved once when AdaLoRA training starts (see
+        # `SCHEDULE_FIELDS`); -1 until then.
+        self.schedule = self.add_variable(
+            shape=(len(SCHEDULE_FIELDS),),
+            initializer=keras.initializers.Constant(-1),
+            dtype="int",
+            aggregation=_distribution.REPLICATED_AGGREGATION,
+            name="schedule",
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -246,36 +291,81 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         return effective, is_update
 
     def watch(self, model):
-        """Reads the orthogonality penalty weight of each adapted layer.
+        """Reads what the scores need to know of each adapted layer.
 
-        The penalty's gradient on `A` and `B` has a closed form; knowing the
-        weights, the scores leave it out and measure the task loss alone
-        (otherwise a layer that does nothing for the task still scores from
-        the penalty pulling its factors). `RankBudgetCallback` calls this;
-        call it yourself in a custom training loop.
+        The orthogonality penalty's gradient on `A` and `B` has a closed
+        form; knowing its weight, the sensitivity leaves it out and measures
+        the task loss alone (otherwise a layer that does nothing for the task
+        still scores from the penalty pulling its factors). The Frobenius
+        score needs each layer's scale `alpha / init_rank`. Call it before
+        the first training step; `RankBudgetCallback` and `RankAllocator` do.
         """
         from keras_adalora.targets import adapted_layers
         from keras_adalora.targets import layer_path
 
+        layers = adapted_layers(model)
         self.penalty_weights = {
-            layer_path(layer): layer.orth_reg_weight
-            for layer in adapted_layers(model)
+            layer_path(layer): layer.orth_reg_weight for layer in layers
         }
+        self.layer_scales = {layer_path(layer): layer.scale for layer in layers}
+
+    def record_masks(self, masks_by_path):
+        """Copies the layers' rank masks into the optimizer's state.
+
+        Only the Frobenius score reads them (inside the train step, where
+        model variables are out of reach on JAX); a no-op otherwise.
+
+        Args:
+            masks_by_path: `{layer path: (r,) 0/1 array}` for the layers
+                this optimizer scores.
+        """
+        if self.importance != "frobenius" or not self._adapter_layers:
+            return
+        flat = np.ones(int(self.mask_copy.shape[0]), dtype="float32")
+        for key, (offset, size) in self._mask_offsets.items():
+            if key in masks_by_path:
+                flat[offset : offset + size] = np.asarray(
+                    masks_by_path[key], dtype="float32"
+                ).reshape(-1)
+        self.mask_copy.assign(flat)
+
+    def read_schedule(self):
+        """The stored rank schedule as a dict of Python ints (the keys of
+        `SCHEDULE_FIELDS`), or `None` before AdaLoRA training started."""
+        values = [int(v) for v in ops.convert_to_numpy(self.schedule)]
+        if values[0] < 0:
+            return None
+        return dict(zip(SCHEDULE_FIELDS, values))
+
+    def write_schedule(self, schedule):
+        """Stores a rank schedule (a dict with the keys of `SCHEDULE_FIELDS`)
+        with the optimizer's state, so that checkpoints, resumed runs and
+        later `fit` calls continue it."""
+        self.schedule.assign(
+            np.asarray([int(schedule[k]) for k in SCHEDULE_FIELDS], "int32")
+        )
 
     def _update_scores(self, grads, variables):
         by_path = {
             v.path: g
             for g, v in zip(grads, variables)
-            if g is not None and v.name in _ADAPTER_NAMES
+            if v.name in _ADAPTER_NAMES
         }
         ordered = self._ordered
         if not all(v.path in by_path for v in ordered):
-            # Some adapter got no gradient (e.g. trained in another step):
-            # nothing consistent to score.
+            # Some adapter is not among the variables this call applies (a
+            # custom loop updating part of the model): nothing consistent
+            # to score.
             return
-        grads, is_update = self._effective_gradients(
-            [by_path[v.path] for v in ordered], ordered
-        )
+        # An adapter that no loss depends on gets no gradient on TensorFlow
+        # and torch and a zero one on JAX: score it as zero everywhere.
+        grads = [
+            ops.zeros(v.shape, "float32")
+            if by_path[v.path] is None
+            else by_path[v.path]
+            for v in ordered
+        ]
+        grads, is_update = self._effective_gradients(grads, ordered)
         # Replicas must score the same gradients to write the same masks.
         grads = _distribution.global_gradients(grads)
         if self.importance == "sensitivity":
@@ -315,14 +405,18 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             if is_update is not None:
                 keep = ops.logical_and(keep, is_update)
             (score_var,) = self._score_state
-            norms = ops.stack(
-                [
-                    _delta_frobenius_norm(
-                        parts[A_NAME], parts[LAM_NAME], parts[B_NAME]
-                    )
-                    for parts in self._adapter_layers.values()
-                ]
-            )
+            masks = self.mask_copy.value
+            norms = []
+            for key, parts in self._adapter_layers.items():
+                offset, size = self._mask_offsets[key]
+                mask = ops.slice(masks, (offset,), (size,))
+                lam = _float32(parts[LAM_NAME]) * mask
+                # ||scale * A diag(lam * mask) B||_F: what the layer adds.
+                norms.append(
+                    self.layer_scales.get(key, 1.0)
+                    * _delta_frobenius_norm(parts[A_NAME], lam, parts[B_NAME])
+                )
+            norms = ops.stack(norms)
             new = importance_lib.frobenius_update(
                 norms, score_var.value, self.beta1
             )
@@ -330,16 +424,24 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
     # Scores, read by the callback at mask steps -----------------------------
 
-    def scores_on_host(self, layer_paths):
+    def scores_on_host(self, layer_paths, alive=None):
         """Component and layer scores of many layers as NumPy arrays.
 
         Sensitivity: component `i` scores `s(lam_i) + mean_j s(A_ji) +
         mean_j s(B_ij)` with `s = I_bar * U_bar` (`importance.element_score`
         and `importance.component_scores`), a layer the sum of its
         components. Frobenius: components score `|lam_i|`, a layer its
-        smoothed `||delta_W||_F`. Computed on the host from one read of each
+        smoothed `||delta_W||_F` (of the masked, scaled update it adds).
+        Pruned components are never candidates again (the allocator only
+        chooses among alive ones), so their stale values do not matter.
+        Computed on the host from one read of each
         score buffer: the allocator calls this at every mask step, where one
         small device op per layer would cost more than the allocation.
+
+        Args:
+            layer_paths: the layers to score.
+            alive: optionally, one boolean mask per layer: a sensitivity
+                layer score then sums its alive components only.
 
         Returns:
             `(component_scores, layer_scores)`: a list of `(r,)` arrays and a
@@ -373,7 +475,10 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             )
             # importance.component_scores, in NumPy.
             components.append(lam + a.mean(axis=0) + b.mean(axis=1))
-        return components, [float(c.sum()) for c in components]
+        if alive is None:
+            alive = [np.ones(c.shape, dtype=bool) for c in components]
+        totals = [float(c[np.asarray(m, bool)].sum()) for c, m in zip(components, alive)]
+        return components, totals
 
     @property
     def adapter_layer_paths(self):
@@ -402,6 +507,27 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
+
+    def save_own_variables(self, store):
+        # Only this wrapper's own state: saving walks into `inner_optimizer`
+        # and stores its variables there (Keras's default would store them
+        # twice, doubling the optimizer part of every file).
+        for i, variable in enumerate(self._variables):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != len(self._variables):
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}': it "
+                f"has {len(self._variables)} variables of its own (scores "
+                "and schedule) whereas the saved one has "
+                f"{len(store.keys())}. The file was saved from another "
+                "AdaLoRA setup (other adapters, importance or version).",
+                stacklevel=2,
+            )
+            return
+        for i, variable in enumerate(self._variables):
+            variable.assign(store[str(i)])
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)

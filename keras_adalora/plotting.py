@@ -44,7 +44,7 @@ def plot_rank_allocation(model, path=None, title=None):
             "`plot_rank_allocation` needs matplotlib. Install it with "
             "`pip install matplotlib` (or `pip install keras-adalora[examples]`)."
         ) from None
-    records = adapter_table(model)
+    records = adapter_table(model, caller="plot_rank_allocation")
     by_path = {r["path"]: r for r in records}
     alive = sum(r["active_rank"] for r in records)
     initial = sum(r["init_rank"] for r in records)

@@ -34,6 +34,7 @@ from keras import ops
 
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
+from keras_adalora.adapted_model import mark_adapted
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
 from keras_adalora.adapter import LAM_NAME
@@ -209,7 +210,7 @@ def load_adapter(model, filepath):
     freeze_all_but(model, targets)
     refresh_tracked_parameters(model)
     reset_compiled_state(model)
-    return model
+    return mark_adapted(model)
 
 
 def _check_filepath(filepath, caller):

@@ -90,7 +90,7 @@ def block_grid(paths):
 
 
 
-def adapter_table(model):
+def adapter_table(model, caller="summary"):
     """One record per adapted layer of `model`.
 
     Layers of transformer blocks come block by block, each block's
@@ -105,7 +105,7 @@ def adapter_table(model):
     (d_in + d_out + 1)`, what a compacted adapter stores).
     """
     records = []
-    for layer in require_adapted_layers(model, "summary"):
+    for layer in require_adapted_layers(model, caller):
         d_in, d_out = layer._adapter_matrix_shape()
         active = layer.active_rank
         records.append(

@@ -1,6 +1,7 @@
 """Which layers of a model `apply_adalora` adapts or keeps trainable."""
 
 import re
+import weakref
 
 import keras
 
@@ -47,10 +48,27 @@ def adapted_layers(model):
     ]
 
 
+# Models whose adapters `merge_adalora` folded into their kernels, so that
+# a later call can say so rather than ask to adapt them.
+_MERGED = weakref.WeakSet()
+
+
+def mark_merged(model):
+    _MERGED.add(model)
+
+
 def require_adapted_layers(model, caller):
     """`adapted_layers(model)`, or a `ValueError` naming `caller` if none."""
     layers = adapted_layers(model)
     if not layers:
+        if model in _MERGED:
+            raise ValueError(
+                f"`{caller}` found no AdaLoRA layer in model '{model.name}': "
+                "it was merged with `merge_adalora`, which folded its "
+                "adapters into the kernels. Train, summarise, plot or save "
+                "the adapter before merging, or adapt the merged model "
+                "anew with `keras_adalora.apply_adalora(model, ...)`."
+            )
         raise ValueError(
             f"`{caller}` found no AdaLoRA layer in model '{model.name}'. "
             "Adapt it first with `keras_adalora.apply_adalora(model, ...)`."
@@ -153,8 +171,21 @@ def task_head_layers(model):
     ]
 
 
-def select_layers(model, target, keep_trainable=None):
+def _holds_rank(layer, init_rank):
+    """Whether `layer`'s kernel, read as a matrix, has rank >= `init_rank`
+    (an unbuilt layer is left to `check_wrappable` to refuse)."""
+    if not layer.built:
+        return True
+    d_in, d_out = ADAPTER_FOR[type(layer)]._adapter_matrix_shape(layer)
+    return init_rank <= min(d_in, d_out)
+
+
+def select_layers(model, target, keep_trainable=None, init_rank=None):
     """Resolves `target` and `keep_trainable` into lists of layers.
+
+    With `target=None` and an `init_rank`, the Dense and EinsumDense layers
+    too small to hold an adapter of that rank are left out of `to_adapt`
+    (and kept trainable when `keep_trainable` is None).
 
     Returns:
         `(to_adapt, to_keep)`: the layers to adapt (checked: each is a plain
@@ -172,7 +203,9 @@ def select_layers(model, target, keep_trainable=None):
         to_keep = []
     else:
         keep = _as_predicate(keep_trainable, "keep_trainable", model)
-        to_keep = [layer for layer in layers if keep(layer)]
+        # Only layers that own weights can train (a callable is never handed
+        # an InputLayer or a Dropout, whose `path` may be None).
+        to_keep = [layer for layer in layers if layer.weights and keep(layer)]
         if not to_keep:
             raise ValueError(
                 "No layer matched `keep_trainable`="
@@ -183,6 +216,7 @@ def select_layers(model, target, keep_trainable=None):
     for layer in to_keep:
         kept.update(id(sub) for sub in layer._flatten_layers(include_self=True))
 
+    too_small = []
     if target is None:
         # Plain Dense/EinsumDense, plus already adapted ones so that a second
         # `apply_adalora` call is reported rather than silently a no-op.
@@ -191,22 +225,39 @@ def select_layers(model, target, keep_trainable=None):
                 layer, AdaLoRAAdapter
             )
 
-        explicit = False
+        candidates = [
+            layer for layer in layers if id(layer) not in kept and matches(layer)
+        ]
+        # A layer whose matrix cannot hold `init_rank` components (a
+        # classifier head with few classes) is not adapted: training it
+        # fully costs fewer parameters than a full-rank adapter and needs
+        # no pruning. It stays trainable if `keep_trainable` is left None.
+        if init_rank is not None:
+            too_small = [
+                layer
+                for layer in candidates
+                if not isinstance(layer, AdaLoRAAdapter)
+                and not _holds_rank(layer, init_rank)
+            ]
+        small = {id(layer) for layer in too_small}
+        to_adapt = [layer for layer in candidates if id(layer) not in small]
+        if keep_trainable is None:
+            to_keep = to_keep + too_small
     else:
         predicate = _as_predicate(target, "target", model)
-        explicit = callable(target)
 
         def matches(layer):
-            if not explicit and not isinstance(layer, tuple(ADAPTER_FOR)):
-                # Regexes pick among the layer kinds AdaLoRA adapts, so that
+            if not isinstance(layer, tuple(ADAPTER_FOR)):
+                # Targets pick among the layer kinds AdaLoRA adapts, so that
                 # "attention" does not also select the attention block's
-                # LayerNormalization.
+                # LayerNormalization, and a callable only sees layers it
+                # could adapt.
                 return False
             return bool(predicate(layer))
 
-    to_adapt = [
-        layer for layer in layers if id(layer) not in kept and matches(layer)
-    ]
+        to_adapt = [
+            layer for layer in layers if id(layer) not in kept and matches(layer)
+        ]
     if not to_adapt:
         names = [target] if isinstance(target, str) else target
         if not isinstance(names, (list, tuple)):

@@ -1,5 +1,6 @@
 """Small models and utilities shared by the tests."""
 
+import json
 import os
 import subprocess
 import sys
@@ -90,3 +91,32 @@ def run_in_fresh_process(backend, code):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Run first in every `fresh_process`: the tests folder on the path and a
+# `report(**values)` that prints them as the last line of output, with
+# whether keras_adalora was imported.
+_FRESH_PROLOGUE = f"""
+import json, sys, warnings
+sys.path.insert(0, {TESTS_DIR!r})
+import numpy as np
+
+def report(**values):
+    values["keras_adalora_imported"] = any(
+        name.split(".")[0] == "keras_adalora" for name in sys.modules
+    )
+    print(json.dumps(values))
+"""
+
+
+def fresh_process(code, backend=None):
+    """Runs `code` in a new Python process (the current backend unless
+    `backend` is given) and returns what it passed to `report(...)`.
+
+    Warnings are what a user would see: Python's default filters apply.
+    """
+    backend = backend or keras.backend.backend()
+    out = run_in_fresh_process(backend, _FRESH_PROLOGUE + textwrap.dedent(code))
+    return json.loads(out.strip().splitlines()[-1])

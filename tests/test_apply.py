@@ -193,11 +193,14 @@ def assert_untouched(model, weights_before):
         ({"target": ["("]}, "invalid regular expression"),
         ({"keep_trainable": ["nope"]}, "No layer matched `keep_trainable`"),
         ({"init_rank": 0}, "init_rank"),
-        ({"init_rank": 4}, "init_rank`=4 is too large for layer 'head'"),
+        (
+            {"init_rank": 4, "target": ["hidden", "head"]},
+            "init_rank`=4 is too large for layer 'head'",
+        ),
         ({"alpha": 0}, "alpha"),
         ({"dropout": -0.5}, "dropout"),
         ({"orth_reg_weight": -1}, "orth_reg_weight"),
-        ({"target": lambda layer: True}, "is a InputLayer"),
+        ({"target": lambda layer: layer.name == "nope"}, "No layer matched"),
     ],
 )
 def test_bad_arguments_raise_before_anything_changes(kwargs, message):
@@ -263,6 +266,7 @@ def test_public_api_matches_the_spec():
         assert hasattr(keras_adalora, name)
 
 
+@keras.saving.register_keras_serializable(package="keras_adalora_tests")
 class TinyTransformerBlock(keras.layers.Layer):
     """A transformer block written with Keras's own MultiHeadAttention."""
 
@@ -275,7 +279,7 @@ class TinyTransformerBlock(keras.layers.Layer):
     def build(self, input_shape):
         self.attention.build(input_shape, input_shape)
         self.ffn_in.build(input_shape)
-        self.ffn_out.build(input_shape[:-1] + (16,))
+        self.ffn_out.build(tuple(input_shape[:-1]) + (16,))
 
     def call(self, x):
         x = x + self.attention(x, x)
