@@ -17,7 +17,11 @@ Offline, in a few minutes on a laptop CPU:
    (`rank_allocation.png`), compacts the adapters to their alive
    components, saves the adapter alone (`minilm_spam.adalora.h5`, about
    1.6 MB) and merges it into the kernels for deployment (`merged.keras`),
-   checking that the merged model predicts the same.
+   then loads `merged.keras` in a fresh Python process that never imports
+   keras_adalora and checks that it predicts the same, without warnings.
+
+Everything it writes goes under `--out` (the data set too, unless
+`--data-dir` says otherwise).
 
     python examples/quickstart.py                        # JAX backend
     python examples/quickstart.py --backend torch --epochs 4
@@ -26,6 +30,7 @@ Offline, in a few minutes on a laptop CPU:
 """
 
 import argparse
+import contextlib
 import math
 import os
 import pathlib
@@ -60,7 +65,9 @@ def parse_args(argv=None):
         "spam_assassin/source (offline, 5 classes), imdb_reviews, ...",
     )
     parser.add_argument(
-        "--data-dir", default=None, help="TFDS data folder (default: tfds')"
+        "--data-dir",
+        default=None,
+        help="TFDS data folder (default: <out>/tensorflow_datasets)",
     )
     parser.add_argument(
         "--train-examples", type=int, default=800, help="training subset size"
@@ -105,31 +112,37 @@ def minilm_path():
 
 def main(argv=None):
     args = parse_args(argv)
-    # Keras reads the backend once, at import. TensorFlow (tf.data under
-    # every backend here) need not print its C++ start-up log.
+    # Keras reads the backend once, at import.
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-    import keras_hub
-    import numpy as np
-    import tensorflow as tf  # tf.data feeds every backend here
+    with quiet_native_log():
+        import keras
+        import keras_hub
+        import numpy as np
+        import tensorflow as tf  # tf.data feeds every backend here
 
-    import keras_adalora
+        import keras_adalora
 
-    sys.path.insert(0, str(HERE))
-    from text_data import load_text_classification
+        sys.path.insert(0, str(HERE))
+        from text_data import load_text_classification
+    # TensorFlow's Python-side notes (tf.function retracing as Keras
+    # rebuilds its step functions after adapting and merging) are not news.
+    tf.get_logger().setLevel("ERROR")
 
     started = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data_dir = pathlib.Path(args.data_dir or out / "tensorflow_datasets")
 
     # 1. Data and the pretrained model, no network needed.
-    train_ds, test_ds, class_names = load_text_classification(
-        args.dataset,
-        data_dir=args.data_dir,
-        max_examples_per_split=max(args.train_examples, args.test_examples),
-    )
+    print(f"Data set {args.dataset} in {data_dir} (prepared once, then reused)")
+    with quiet_tfds():
+        train_ds, test_ds, class_names = load_text_classification(
+            args.dataset,
+            data_dir=str(data_dir),
+            max_examples_per_split=max(args.train_examples, args.test_examples),
+        )
     # A few hundred e-mails: hold them in memory (known length, for the
     # callback's schedule and the progress bar).
     x_train, y_train = in_memory(train_ds.take(args.train_examples))
@@ -185,6 +198,7 @@ def main(argv=None):
         validation_data=test_batches,
         epochs=args.epochs,
         callbacks=[budget],
+        shuffle=False,  # the dataset shuffles itself, every epoch
     )
     _, accuracy_after = classifier.evaluate(test_batches, verbose=0)
     print(
@@ -212,12 +226,113 @@ def main(argv=None):
     gap = float(np.max(np.abs(classifier.predict(test_batches, verbose=0) - logits)))
     print(
         f"Merged model (plain KerasHub BERT, no adapter left) saved to "
-        f"{merged_path}; largest logit change from merging: {gap:.1e}"
+        f"{merged_path} ({merged_path.stat().st_size / 1e6:.1f} MB; "
+        f"MiniLM's own weights: {minilm_size(preset) / 1e6:.1f} MB); "
+        f"largest logit change from merging: {gap:.1e}"
     )
     if gap > 1e-3:
         sys.exit("merging changed the predictions")
+    reload_in_fresh_process(args.backend, merged_path, x_test, logits, out)
     print(f"Done in {time.perf_counter() - started:.0f} s.")
     return accuracy_after
+
+
+# What a deployment does with the merged file: load it where keras_adalora
+# was never imported (compile=False: it only predicts) and predict from raw
+# text, the KerasHub preprocessor being part of the model.
+_RELOAD = """
+import json, os, sys, warnings
+import numpy as np
+# Python's default filters: the warnings a user would see.
+with warnings.catch_warnings(record=True) as caught:
+    import keras
+    model = keras.saving.load_model(sys.argv[1], compile=False)
+    with open(sys.argv[2]) as f:
+        texts = json.load(f)
+    logits = model.predict(np.array(texts, dtype=object), batch_size=16, verbose=0)
+print(json.dumps({
+    "keras_adalora_imported": any(m.split(".")[0] == "keras_adalora" for m in sys.modules),
+    "warnings": [str(w.message) for w in caught],
+    "gap": float(np.max(np.abs(logits - np.load(sys.argv[3])))),
+}))
+"""
+
+
+def reload_in_fresh_process(backend, merged_path, texts, logits, out):
+    """Loads `merged_path` in a new Python process without keras_adalora;
+    prints what it found and exits if the predictions or warnings differ."""
+    import json
+    import subprocess
+
+    import numpy as np
+
+    texts_path, logits_path = out / "test_texts.json", out / "test_logits.npy"
+    texts_path.write_text(json.dumps([t.decode() if isinstance(t, bytes) else str(t) for t in texts]))
+    np.save(logits_path, logits)
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", _RELOAD, str(merged_path), str(texts_path), str(logits_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        sys.exit(f"Loading {merged_path} in a fresh process failed:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(
+        f"Loaded {merged_path.name} in a fresh process "
+        f"(keras_adalora imported: {report['keras_adalora_imported']}): "
+        f"{len(report['warnings'])} warnings, largest logit difference "
+        f"{report['gap']:.1e}"
+    )
+    if report["keras_adalora_imported"] or report["warnings"] or report["gap"] > 1e-4:
+        sys.exit(f"The merged model did not reload cleanly: {report}")
+
+
+def minilm_size(preset):
+    """Bytes of the pretrained weights file(s) in the MiniLM preset."""
+    return sum(
+        path.stat().st_size
+        for path in pathlib.Path(preset).rglob("*")
+        if path.suffix in (".h5", ".safetensors", ".bin")
+    )
+
+
+@contextlib.contextmanager
+def quiet_native_log():
+    """Silences what native libraries print to stderr while they load
+    (TensorFlow's C++ start-up notes, which ignore TF_CPP_MIN_LOG_LEVEL
+    before its logging is set up). Python errors still show: they are
+    raised after the stream is back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """TFDS's notes while it prepares a data set (progress bars, sizes
+    unknown for a local builder, a fresh folder without metadata yet)."""
+    import io
+
+    import absl.logging
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    verbosity = absl.logging.get_verbosity()
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl.logging.set_verbosity(verbosity)
 
 
 def in_memory(ds):
