@@ -79,9 +79,7 @@ def unwrapped_optimizer(optimizer):
     if isinstance(optimizer, AdaLoRAOptimizer):
         return unwrapped_optimizer(optimizer.inner_optimizer)
     fresh = optimizer.__class__.from_config(optimizer.get_config())
-    pattern = getattr(optimizer, "_exclude_from_weight_decay_pattern", None)
-    if pattern is not None:
-        fresh._exclude_from_weight_decay_pattern = pattern
+    _copy_settings(optimizer, fresh)
     return fresh
 
 

@@ -138,10 +138,6 @@ def unmark_adapted(obj):
     return obj
 
 
-def is_marked(obj):
-    return isinstance(obj, _AdaptedLayer)
-
-
 def join_fit(model, callback):
     """Has `callback.check_final_ranks()` called when the `fit` of `model`
     returns (if `model` has its adapted class)."""

@@ -182,7 +182,6 @@ class RankAllocator:
         )
         layers = require_adapted_layers(model, caller)
         capacities = [layer.adapter_rank for layer in layers]
-        alive = [layer.active_rank for layer in layers]
         if init_rank is None:
             layer_init = max(layer.init_rank for layer in layers)
             if target_rank > layer_init:
@@ -199,6 +198,7 @@ class RankAllocator:
                     f"hold ({max(capacities)} components at most). Leave "
                     "init_rank=None to use the adapters' own."
                 )
+            alive = [layer.active_rank for layer in layers]
             if init_rank < max(alive):
                 raise ValueError(
                     f"`init_rank`={init_rank} is below the rank the adapters "

@@ -432,10 +432,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         changed = self._allocator.masks_differ()
         if not changed:
             return
-        restored = sum(
-            int(round(float(ops.sum(layer.rank_mask))))
-            for layer in self._allocator.layers
-        )
+        restored = sum(layer.active_rank for layer in self._allocator.layers)
         self._allocator.write_masks(self._allocator.masks)
         steps = self.params.get("steps") if self.params else None
         tfinal = self._allocator.tfinal

@@ -477,7 +477,10 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             components.append(lam + a.mean(axis=0) + b.mean(axis=1))
         if alive is None:
             alive = [np.ones(c.shape, dtype=bool) for c in components]
-        totals = [float(c[np.asarray(m, bool)].sum()) for c, m in zip(components, alive)]
+        totals = [
+            float(c[np.asarray(m, bool)].sum())
+            for c, m in zip(components, alive)
+        ]
         return components, totals
 
     @property
