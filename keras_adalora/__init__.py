@@ -6,6 +6,8 @@ from keras_adalora.callback import RankBudgetCallback
 from keras_adalora.export import compact_adalora
 from keras_adalora.export import get_rank_pattern
 from keras_adalora.export import merge_adalora
+from keras_adalora.interchange import export_peft
+from keras_adalora.interchange import import_peft
 from keras_adalora.layers import AdaLoRADense
 from keras_adalora.layers import AdaLoRAEinsumDense
 from keras_adalora.layers import AdaLoRAEmbedding
@@ -26,7 +28,9 @@ __all__ = [
     "RankBudgetCallback",
     "apply_adalora",
     "compact_adalora",
+    "export_peft",
     "get_rank_pattern",
+    "import_peft",
     "load_adapter",
     "merge_adalora",
     "plot_rank_allocation",

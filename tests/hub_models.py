@@ -45,8 +45,9 @@ def texts(n=16, seed=0):
     return x, rng.integers(0, 3, size=(n,))
 
 
-def gpt2():
-    backbone = keras_hub.models.GPT2Backbone(
+def gpt2(**overrides):
+    """A tiny GPT-2 causal LM; `overrides` change its backbone's arguments."""
+    arguments = dict(
         vocabulary_size=VOCAB,
         num_layers=BLOCKS,
         num_heads=2,
@@ -54,6 +55,7 @@ def gpt2():
         intermediate_dim=32,
         max_sequence_length=LENGTH,
     )
+    backbone = keras_hub.models.GPT2Backbone(**{**arguments, **overrides})
     return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
 
 
@@ -83,7 +85,12 @@ def llama():
 
 
 # Family -> (builder, feed-forward projections per block).
-FAMILIES = {"bert": (bert, 2), "gpt2": (gpt2, 2), "gemma": (gemma, 3), "llama": (llama, 3)}
+FAMILIES = {
+    "bert": (bert, 2),
+    "gpt2": (gpt2, 2),
+    "gemma": (gemma, 3),
+    "llama": (llama, 3),
+}
 
 
 def batch(family, n=16, seed=0):
