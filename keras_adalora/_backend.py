@@ -3,6 +3,7 @@
 import keras
 
 from keras_adalora import _distribution
+from keras_adalora import _keras
 
 
 def refresh_tracked_parameters(model):
@@ -17,9 +18,8 @@ def refresh_tracked_parameters(model):
     """
     if keras.backend.backend() != "torch":
         return
-    for layer in model._flatten_layers(include_self=True):
-        if hasattr(layer, "_torch_params"):
-            layer._track_variables()
+    for layer in _keras.sublayers(model, include_self=True):
+        _keras.refresh_torch_parameters(layer)
 
 
 def reset_compiled_state(model, optimizer=None):
@@ -57,9 +57,7 @@ def reset_compiled_state(model, optimizer=None):
             fresh.build(model.trainable_variables)
         _copy_state(old, fresh)
         _install(model, old, fresh)
-    model._compiled_trainable_state = {
-        layer: layer.trainable for layer in model._flatten_layers()
-    }
+    _keras.record_trainable_state(model)
 
 
 def unwrapped_optimizer(optimizer):
@@ -91,7 +89,7 @@ def set_compiled_optimizer(model, old, new):
     `mixed_float16` that is the one inside the automatic
     `LossScaleOptimizer`.
     """
-    compile_config = getattr(model, "_compile_config", None)
+    compile_config = _keras.compile_config(model)
     if compile_config is None:
         return
     recorded = compile_config.config.get("optimizer")
@@ -115,9 +113,7 @@ def _copy_settings(old, fresh):
     wrapped chain: the weight-decay exclusion pattern and the AdaLoRA
     wrapper's per-layer constants and scoring switch."""
     for source, target in zip(_chain(old), _chain(fresh)):
-        pattern = getattr(source, "_exclude_from_weight_decay_pattern", None)
-        if pattern is not None:
-            target._exclude_from_weight_decay_pattern = pattern
+        _keras.copy_weight_decay_pattern(source, target)
         for attribute in ("penalty_weights", "layer_scales", "scoring"):
             if hasattr(source, attribute):
                 setattr(target, attribute, getattr(source, attribute))
@@ -129,15 +125,21 @@ def _copy_state(old, fresh):
     by level of a wrapped chain, and the variables excluded from weight
     decay by `var_list` (by path: compaction makes new variable objects)."""
     for source, target in zip(_chain(old), _chain(fresh)):
-        excluded = getattr(source, "_exclude_from_weight_decay", None)
+        excluded = _keras.weight_decay_exclusions(source)
         if excluded:
             paths = {
-                v.path for v in source._trainable_variables if id(v) in excluded
+                v.path
+                for v in _keras.optimizer_trainable_variables(source)
+                if id(v) in excluded
             }
-            target._exclude_from_weight_decay = {
-                id(v) for v in target._trainable_variables if v.path in paths
-            }
-            target._exclude_from_weight_decay_cache = {}
+            _keras.set_weight_decay_exclusions(
+                target,
+                (
+                    id(v)
+                    for v in _keras.optimizer_trainable_variables(target)
+                    if v.path in paths
+                ),
+            )
         saved = {}
         for variable in _own_variables(source):
             saved.setdefault(variable.name, []).append(variable)
@@ -156,7 +158,7 @@ def _own_variables(optimizer):
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is None:
         return list(optimizer.variables)
-    return list(optimizer._variables)
+    return list(_keras.optimizer_own_variables(optimizer))
 
 
 def _chain(optimizer):

@@ -19,6 +19,8 @@ import contextlib
 
 import keras
 
+from keras_adalora import _keras
+
 # The tf.distribute strategies AdaLoRA supports (checked by class name so
 # that this module never imports TensorFlow on the other backends).
 # Mirrored-family strategies keep one copy of every variable per replica
@@ -138,9 +140,7 @@ def global_gradients(grads):
 # Layouts (JAX keras.distribution) ---------------------------------------------
 
 
-def variable_layout(variable):
-    """The sharding layout a variable was created with (None if it has none)."""
-    return getattr(variable, "_layout", None)
+variable_layout = _keras.variable_layout
 
 
 def is_sharded(variable):
@@ -198,14 +198,13 @@ def shard_adapter_like_kernel(layer):
         (layer.adalora_a, (_matrix_axis(kernel_axes, rows), None)),
         (layer.adalora_b, (None, _matrix_axis(kernel_axes, columns))),
     )
-    layout_map = getattr(distribution, "_layout_map", None)
     for variable, axes in wanted:
-        if layout_map is not None and layout_map[variable.path] is not None:
+        if _keras.layout_map_entry(distribution, variable.path) is not None:
             continue  # the user's LayoutMap key for the adapter wins
         if all(axis is None for axis in axes):
             continue
-        variable._layout = keras.distribution.TensorLayout(
-            axes, kernel_layout.device_mesh
-        )
         # Re-places the (replicated) initial value with the new layout.
-        variable._direct_assign(variable.value)
+        _keras.relayout_variable(
+            variable,
+            keras.distribution.TensorLayout(axes, kernel_layout.device_mesh),
+        )

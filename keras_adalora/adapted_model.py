@@ -31,6 +31,7 @@ import weakref
 
 import keras
 
+from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora.adapter import AdaLoRAAdapter
 
@@ -87,6 +88,16 @@ class _AdaptedModel(_AdaptedLayer):
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        # Refused here, before Keras reaches any layer: quantizing the frozen
+        # kernel under a live adapter is not supported yet.
+        raise ValueError(
+            f"Model '{self.name}' holds AdaLoRA adapters, which cannot be "
+            f"quantized (mode={mode!r}). Merge them first "
+            "(`keras_adalora.merge_adalora(model)`, then `model.quantize(...)` "
+            "on the plain model), or keep the adapted model in float."
+        )
+
     def fit(self, *args, **kwargs):
         _FITTING[self] = []
         try:
@@ -127,14 +138,14 @@ def adapted_class(cls):
 
 def mark_adapted(obj):
     """Gives `obj` (the model `apply_adalora` adapted) its adapted class."""
-    obj.__class__ = adapted_class(type(obj))
+    _keras.swap_class(obj, adapted_class(type(obj)))
     return obj
 
 
 def unmark_adapted(obj):
     """Gives `obj` its original class back (after merging)."""
     if isinstance(obj, _AdaptedLayer):
-        obj.__class__ = obj.original_class
+        _keras.swap_class(obj, obj.original_class)
     return obj
 
 
@@ -156,7 +167,7 @@ def recorded_layers(obj):
     the adapters' own sublayers (their input dropout), which a plain model
     rebuilt from its config lacks.
     """
-    layers = list(obj._flatten_layers(include_self=True))
+    layers = list(_keras.sublayers(obj, include_self=True))
     internal = {
         id(layer.adapter_dropout)
         for layer in layers
@@ -192,7 +203,7 @@ def adaptation_record(obj):
     entries, adapters = [], []
     for index, layer in enumerate(layers):
         frozen = sorted(
-            v.name for v in layer._trainable_variables if not v.trainable
+            v.name for v in _keras.own_variables(layer)[0] if not v.trainable
         )
         entries.append(
             {
@@ -281,7 +292,7 @@ def restore_adaptation(obj, record):
         layer.trainable = entry["trainable"]
     for layer, entry in zip(layers, entries):
         frozen = set(entry["frozen_variables"])
-        for variable in layer._trainable_variables:
+        for variable in _keras.own_variables(layer)[0]:
             if variable.name in frozen:
                 variable.trainable = False
     refresh_tracked_parameters(obj)

@@ -19,6 +19,8 @@ from keras import layers
 from keras import ops
 
 from keras_adalora import _distribution
+from keras_adalora import _keras
+from keras_adalora._validation import check_int
 from keras_adalora.regularizers import orthogonality_penalty
 
 # Adapter weights are stored and computed in float32 whatever the layer's
@@ -32,18 +34,6 @@ B_NAME = "adalora_B"
 MASK_NAME = "rank_mask"
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    if value < 1:
-        raise ValueError(
-            f"`{name}` must be at least 1. Received: {name}={value}"
-        )
-    return int(value)
-
-
 def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
     """Checks the adapter hyperparameters; returns them normalised.
 
@@ -52,7 +42,7 @@ def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
             `init_rank`, a non-positive `alpha`, a `dropout` outside
             `[0, 1)` or a negative `orth_reg_weight`.
     """
-    init_rank = _check_positive_int(init_rank, "init_rank")
+    init_rank = check_int(init_rank, "init_rank", 1)
     if alpha is not None:
         if isinstance(alpha, bool) or not isinstance(
             alpha, (int, float, np.number)
@@ -84,6 +74,19 @@ def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
     return init_rank, alpha, float(dropout), float(orth_reg_weight)
 
 
+def check_init_rank_fits(init_rank, matrix_shape, name):
+    """Raises unless `init_rank` components fit a kernel read as a
+    `matrix_shape = (d_in, d_out)` matrix (rank at most the smaller)."""
+    d_in, d_out = matrix_shape
+    if init_rank > min(d_in, d_out):
+        raise ValueError(
+            f"`init_rank`={init_rank} is too large for layer '{name}': its "
+            f"kernel reads as a {d_in} x {d_out} matrix, whose rank is at "
+            f"most {min(d_in, d_out)}. Pass init_rank <= {min(d_in, d_out)}, "
+            "or leave this layer out of `target`."
+        )
+
+
 class AdaLoRAAdapter:
     """Mixin holding the AdaLoRA adapter of a layer with a frozen kernel.
 
@@ -91,8 +94,9 @@ class AdaLoRAAdapter:
     (`class AdaLoRADense(AdaLoRAAdapter, keras.layers.Dense)`) and supplies:
 
     - `_base_kernel_variable()`: the frozen kernel (or embedding table);
-    - `_base_weight_names()`: `(name, attribute)` pairs of the frozen weights,
-      in the order the plain Keras layer saves them;
+    - `_base_named_weights(layer)` (a static method, also asked of the plain
+      layer): `(name, variable or None)` pairs of the frozen weights, in the
+      order the plain Keras layer saves them;
     - `_adapter_matrix_shape()`: `(d_in, d_out)` of the kernel as a matrix;
     - `_kernel_from_matrix(matrix)`: reshape a `(d_in, d_out)` matrix into
       the kernel's own shape;
@@ -105,10 +109,26 @@ class AdaLoRAAdapter:
     def _init_adapter(
         self, init_rank, alpha, dropout, orth_reg_weight, adapter_rank=None
     ):
+        self._set_adapter_args(
+            *type(self).validate_args(
+                init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+            )
+        )
+
+    @classmethod
+    def validate_args(
+        cls, init_rank, alpha, dropout, orth_reg_weight, adapter_rank=None
+    ):
+        """Checks the adapter arguments for this layer kind (the one place
+        they are checked); returns them normalised, `adapter_rank` resolved.
+
+        Raises:
+            ValueError: naming the argument at fault.
+        """
         init_rank, alpha, dropout, orth_reg_weight = validate_adapter_args(
             init_rank, alpha, dropout, orth_reg_weight
         )
-        self.check_dropout(dropout)
+        cls.check_dropout(dropout)
         if adapter_rank is None:
             adapter_rank = init_rank
         if (
@@ -123,11 +143,16 @@ class AdaLoRAAdapter:
                 f"Received: adapter_rank={adapter_rank!r}, "
                 f"init_rank={init_rank}"
             )
+        return init_rank, alpha, dropout, orth_reg_weight, int(adapter_rank)
+
+    def _set_adapter_args(
+        self, init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+    ):
         self.init_rank = init_rank
         self.alpha = alpha
         self.dropout = dropout
         self.orth_reg_weight = orth_reg_weight
-        self.adapter_rank = int(adapter_rank)
+        self.adapter_rank = adapter_rank
         self.adapter_dropout = (
             layers.Dropout(dropout, name="adapter_dropout") if dropout else None
         )
@@ -166,14 +191,9 @@ class AdaLoRAAdapter:
     # Variables -------------------------------------------------------------
 
     def _check_init_rank_fits(self):
-        d_in, d_out = self._adapter_matrix_shape()
-        if self.init_rank > min(d_in, d_out):
-            raise ValueError(
-                f"`init_rank`={self.init_rank} is too large for layer "
-                f"'{self.name}': its kernel reads as a {d_in} x {d_out} "
-                f"matrix, whose rank is at most {min(d_in, d_out)}. Pass "
-                f"init_rank <= {min(d_in, d_out)}."
-            )
+        check_init_rank_fits(
+            self.init_rank, self._adapter_matrix_shape(), self.name
+        )
 
     def _freeze_base_weights(self):
         """Makes the pretrained weights non-trainable for good.
@@ -184,12 +204,11 @@ class AdaLoRAAdapter:
         the trainable store.
         """
         for variable in self._base_weights():
-            _move_to_store(self, variable, trainable=False)
+            _keras.refile_variable(self, variable, trainable=False)
 
     def _base_weights(self):
         weights = []
-        for _, attribute in self._base_weight_names():
-            variable = getattr(self, attribute)
+        for _, variable in self._base_named_weights(self):
             if variable is not None:
                 weights.append(variable)
         return weights
@@ -322,22 +341,18 @@ class AdaLoRAAdapter:
             B_NAME: ops.convert_to_numpy(self.adalora_b)[keep, :],
             MASK_NAME: mask[keep],
         }
-        locked = self._tracker.locked
-        self._tracker.unlock()
-        for variable in self._adapter_variables().values():
-            self._untrack_variable(variable)
-        self.adapter_rank = int(keep.size)
-        self._build_adapter(initial_values=values)
-        if locked:
-            self._tracker.lock()
+        with _keras.unlocked_tracker(self):
+            for variable in self._adapter_variables().values():
+                _keras.untrack_variable(self, variable)
+            self.adapter_rank = int(keep.size)
+            self._build_adapter(initial_values=values)
         return int(removed)
 
     # Saving ----------------------------------------------------------------
 
     def _named_weights(self):
         named = []
-        for name, attribute in self._base_weight_names():
-            variable = getattr(self, attribute)
+        for name, variable in self._base_named_weights(self):
             if variable is not None:
                 named.append((name, variable))
         named.extend(self._adapter_variables().items())
@@ -460,15 +475,8 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 "without `lora_rank`, or fold the LoRA weights into the "
                 "kernel first)."
             )
-        init_rank = _check_positive_int(init_rank, "init_rank")
-        d_in, d_out = cls._adapter_matrix_shape(layer)
-        if init_rank > min(d_in, d_out):
-            raise ValueError(
-                f"`init_rank`={init_rank} is too large for layer '{name}': "
-                f"its kernel reads as a {d_in} x {d_out} matrix, whose rank "
-                f"is at most {min(d_in, d_out)}. Pass init_rank <= "
-                f"{min(d_in, d_out)}, or leave this layer out of `target`."
-            )
+        init_rank = check_int(init_rank, "init_rank", 1)
+        check_init_rank_fits(init_rank, cls._adapter_matrix_shape(layer), name)
 
     @classmethod
     def adapt_in_place(
@@ -490,18 +498,14 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         the adapter saved values instead, as `load_adapter` does.
         """
         cls.check_wrappable(layer, init_rank)
-        validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
-        cls.check_dropout(dropout)
-        locked = layer._tracker.locked
-        layer._tracker.unlock()
-        layer.__class__ = cls
-        layer._init_adapter(
+        args = cls.validate_args(
             init_rank, alpha, dropout, orth_reg_weight, adapter_rank
         )
-        layer._freeze_base_weights()
-        layer._build_adapter(initial_values=initial_values)
-        if locked:
-            layer._tracker.lock()
+        with _keras.unlocked_tracker(layer):
+            _keras.swap_class(layer, cls)
+            layer._set_adapter_args(*args)
+            layer._freeze_base_weights()
+            layer._build_adapter(initial_values=initial_values)
         return layer
 
     @classmethod
@@ -515,7 +519,6 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         outputs until it is trained.
         """
         cls.check_wrappable(layer, init_rank)
-        cls.check_dropout(dropout)
         config = layer.get_config()
         config.update(
             init_rank=init_rank,
@@ -525,10 +528,11 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         )
         new = cls.from_config(config)
         new.build_from_config(layer.get_build_config())
-        for _, attribute in new._base_weight_names():
-            source = getattr(layer, attribute)
+        for (_, target), (_, source) in zip(
+            new._base_named_weights(new), cls._base_named_weights(layer)
+        ):
             if source is not None:
-                getattr(new, attribute).assign(source)
+                target.assign(source)
         return new
 
     def revert_in_place(self):
@@ -539,22 +543,19 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         freshly built plain layer.
         """
         merged = self.merged_kernel()
-        locked = self._tracker.locked
-        self._tracker.unlock()
-        for variable in self._adapter_variables().values():
-            self._untrack_variable(variable)
-        if self.adapter_dropout is not None:
-            self._tracker.untrack(self.adapter_dropout)
-        self._base_kernel_variable().assign(merged)
-        for variable in self._base_weights():
-            _move_to_store(self, variable, trainable=True)
-        for attribute in _ADAPTER_ATTRIBUTES:
-            # Skips Keras's `Layer.__delattr__` (a `gc.collect()` per
-            # variable) but keeps the backend's own attribute bookkeeping.
-            super(layers.Layer, self).__delattr__(attribute)
-        self.__class__ = self.wrapped_class
-        if locked:
-            self._tracker.lock()
+        with _keras.unlocked_tracker(self):
+            for variable in self._adapter_variables().values():
+                _keras.untrack_variable(self, variable)
+            if self.adapter_dropout is not None:
+                _keras.untrack_layer(self, self.adapter_dropout)
+            self._base_kernel_variable().assign(merged)
+            for variable in self._base_weights():
+                _keras.refile_variable(self, variable, trainable=True)
+            for attribute in _ADAPTER_ATTRIBUTES:
+                # Skips Keras's `Layer.__delattr__` (a `gc.collect()` per
+                # variable) but keeps the backend's own attribute bookkeeping.
+                super(layers.Layer, self).__delattr__(attribute)
+            _keras.swap_class(self, self.wrapped_class)
         return self
 
 
@@ -570,15 +571,3 @@ _ADAPTER_ATTRIBUTES = (
     "orth_reg_weight",
     "adapter_rank",
 )
-
-
-def _move_to_store(layer, variable, trainable):
-    """Re-files a tracked variable as trainable or not, in place."""
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    layer._tracker.untrack(variable)
-    variable.trainable = trainable
-    store = "trainable_variables" if trainable else "non_trainable_variables"
-    layer._tracker.add_to_store(store, variable)
-    if locked:
-        layer._tracker.lock()

@@ -8,23 +8,11 @@ component wins, and NaN or -inf scores always rank last.
 """
 
 import math
-import numbers
 from fractions import Fraction
 
 import numpy as np
 
-
-def _check_count(value, name, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < 0
-    ):
-        expected = "None or an integer >= 0" if allow_none else "an integer >= 0"
-        raise ValueError(f"`{name}` must be {expected}, got {name}={value!r}.")
-    return int(value)
+from keras_adalora._validation import check_int
 
 
 def rank_bounds(capacities, *, min_rank=0, max_rank=None):
@@ -74,11 +62,11 @@ def check_budget(budget, capacities, *, min_rank=0, max_rank=None):
     ...
     ValueError: min_rank=3 needs at least 9 components alive but the budget is 8: lower min_rank or raise target_rank/total_rank.
     """
-    budget = _check_count(budget, "budget")
-    min_rank = _check_count(min_rank, "min_rank")
-    max_rank = _check_count(max_rank, "max_rank", allow_none=True)
+    budget = check_int(budget, "budget", 0)
+    min_rank = check_int(min_rank, "min_rank", 0)
+    max_rank = check_int(max_rank, "max_rank", 0, allow_none=True)
     for capacity in capacities:
-        _check_count(capacity, "capacities")
+        check_int(capacity, "capacities", 0)
     if max_rank is not None and min_rank > max_rank:
         raise ValueError(
             f"min_rank={min_rank} is larger than max_rank={max_rank}: lower "

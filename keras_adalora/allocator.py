@@ -9,28 +9,12 @@ import numpy as np
 from keras import ops
 
 from keras_adalora import allocation as allocation_lib
+from keras_adalora._validation import check_int
 from keras_adalora import schedule
 from keras_adalora.targets import require_adapted_layers
 from keras_adalora.targets import layer_path
 
 ALLOCATION_KINDS = ("global", "layer")
-
-
-def check_int(value, name, minimum, allow_none=False):
-    """Returns `value` if it is an int >= `minimum` (or an allowed None)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}"
-            + (" or None" if allow_none else "")
-            + f". Received: {name}={value!r}"
-        )
-    if value < minimum:
-        raise ValueError(
-            f"`{name}` must be >= {minimum}. Received: {name}={value}"
-        )
-    return value
 
 
 def validate_budget_args(
@@ -66,105 +50,45 @@ def validate_budget_args(
     return target_rank, init_rank, allocation, min_rank, max_rank, total_rank
 
 
-class RankAllocator:
-    """Writes the rank masks of a model's AdaLoRA layers on a budget schedule.
+class RankBudget:
+    """The final rank budget of a model's adapters, checked against them.
 
-    Budgets follow SPEC.md sections 4 and 5: `B0` components alive through
-    `tinit` (all the adapters hold when the schedule starts), the cubic
-    decay to `BT = target_rank * n` (or `total_rank`) by `tfinal`,
-    recomputed every `delta_t` steps, then frozen. Which components stay
-    alive comes from the scores that `optimizer` (an `AdaLoRAOptimizer`
-    built for the model's trainable variables) keeps. Pruning is final: a
-    mask update chooses among the components still alive, so a pruned
-    component never comes back.
-
-    In a custom training loop, call `update(step)` after each optimizer step
-    (`step` counting optimizer updates from 1). It reads nothing from the
-    device except at mask steps. On JAX, write your loop's state back into
-    the model and optimizer variables before an `update` that is due
-    (`allocator.due(step)`), and read the masks back after it.
+    What a schedule needs to know of the model before any optimizer or step
+    count exists (what `RankBudgetCallback` checks when it is set on a
+    model): the adapted layers, the final budget `BT` in components
+    (`target_rank` per layer, or `total_rank`), how it is allocated and the
+    per-layer bounds.
 
     Args:
         model: the adapted model.
-        optimizer: its `AdaLoRAOptimizer`, built.
-        target_rank, init_rank, tinit, tfinal, total_steps, delta_t,
-        allocation, min_rank, max_rank, total_rank: as in
-            `RankBudgetCallback`; `tinit`/`tfinal` given as fractions need
-            `total_steps`.
+        target_rank, init_rank, allocation, min_rank, max_rank, total_rank:
+            as in `RankBudgetCallback`.
+        caller: the name errors give for the public function called.
+
+    Raises:
+        ValueError: naming the argument, for a budget the adapters cannot
+            hold.
 
     Example:
 
     >>> model = keras.Sequential(
     ...     [keras.Input((8,)), keras.layers.Dense(4, name="hidden")])
-    >>> model = apply_adalora(model, init_rank=3)
-    >>> optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(1e-3))
-    >>> optimizer.build(model.trainable_variables)
-    >>> allocator = RankAllocator(model, optimizer, target_rank=1,
-    ...                           tinit=100, tfinal=800, total_steps=1000)
-    >>> allocator.budget_at(100), allocator.budget_at(450), allocator.budget_at(800)
-    (3, 1, 1)
-    >>> for step in range(1, 1001):  # doctest: +SKIP
-    ...     grads = ...  # your loss and gradients
-    ...     optimizer.apply(grads, model.trainable_variables)
-    ...     allocator.update(step)
+    >>> RankBudget(apply_adalora(model, init_rank=3), target_rank=1).target_budget
+    1
     """
 
     def __init__(
         self,
         model,
-        optimizer,
+        *,
         target_rank=8,
         init_rank=None,
-        tinit=0.1,
-        tfinal=0.7,
-        total_steps=None,
-        delta_t=10,
         allocation="global",
         min_rank=0,
         max_rank=None,
         total_rank=None,
-    ):
-        self.configure_budget(
-            model,
-            target_rank=target_rank,
-            init_rank=init_rank,
-            allocation=allocation,
-            min_rank=min_rank,
-            max_rank=max_rank,
-            total_rank=total_rank,
-        )
-        self.optimizer = optimizer
-        optimizer.watch(model)
-        self.configure_schedule(
-            tinit=schedule.resolve_step(tinit, total_steps, "tinit"),
-            tfinal=schedule.resolve_step(tfinal, total_steps, "tfinal"),
-            total_steps=total_steps,
-            delta_t=delta_t,
-        )
-        self.sync_state()
-        self.initial_budget = self.start_budget()
-
-    @classmethod
-    def for_model(cls, model, caller="RankAllocator", **budget):
-        """An allocator with its budget checked against `model`, before any
-        optimizer or schedule is known (what a callback can do at setup)."""
-        allocator = cls.__new__(cls)
-        allocator.configure_budget(model, caller=caller, **budget)
-        return allocator
-
-    def configure_budget(
-        self,
-        model,
-        *,
-        target_rank,
-        init_rank,
-        allocation,
-        min_rank,
-        max_rank,
-        total_rank,
         caller="RankAllocator",
     ):
-        """Checks the budget arguments against `model`'s adapters."""
         (
             target_rank,
             init_rank,
@@ -236,7 +160,7 @@ class RankAllocator:
             ValueError: when fewer components are alive than the final
                 budget asks for.
         """
-        alive = [int(mask.sum()) for mask in self.masks]
+        alive = [int(_read_mask(layer).sum()) for layer in self.layers]
         if self.target_budget > sum(alive):
             raise ValueError(
                 f"The final budget ({self.target_budget} components) is above "
@@ -244,9 +168,115 @@ class RankAllocator:
                 "by an earlier schedule): lower target_rank or total_rank."
             )
         allocation_lib.check_budget(
-            self.target_budget, alive, min_rank=self.min_rank, max_rank=self.max_rank
+            self.target_budget,
+            alive,
+            min_rank=self.min_rank,
+            max_rank=self.max_rank,
         )
         return sum(alive)
+
+
+class RankAllocator:
+    """Writes the rank masks of a model's AdaLoRA layers on a budget schedule.
+
+    Budgets follow SPEC.md sections 4 and 5: `B0` components alive through
+    `tinit` (all the adapters hold when the schedule starts), the cubic
+    decay to `BT = target_rank * n` (or `total_rank`) by `tfinal`,
+    recomputed every `delta_t` steps, then frozen. Which components stay
+    alive comes from the scores that `optimizer` (an `AdaLoRAOptimizer`
+    built for the model's trainable variables) keeps. Pruning is final: a
+    mask update chooses among the components still alive, so a pruned
+    component never comes back.
+
+    In a custom training loop, call `update(step)` after each optimizer step
+    (`step` counting optimizer updates from 1). It reads nothing from the
+    device except at mask steps. On JAX, write your loop's state back into
+    the model and optimizer variables before an `update` that is due
+    (`allocator.due(step)`), and read the masks back after it.
+
+    Args:
+        model: the adapted model.
+        optimizer: its `AdaLoRAOptimizer`, built.
+        target_rank, init_rank, tinit, tfinal, total_steps, delta_t,
+        allocation, min_rank, max_rank, total_rank: as in
+            `RankBudgetCallback`; `tinit`/`tfinal` given as fractions need
+            `total_steps`.
+        budget: a `RankBudget` already checked against `model`, instead of
+            the budget arguments.
+        start: the optimizer step the schedule counts from (steps stay
+            absolute); `initial_budget`: its `B0`, instead of every
+            component alive now (a stored schedule's).
+
+    Example:
+
+    >>> model = keras.Sequential(
+    ...     [keras.Input((8,)), keras.layers.Dense(4, name="hidden")])
+    >>> model = apply_adalora(model, init_rank=3)
+    >>> optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(1e-3))
+    >>> optimizer.build(model.trainable_variables)
+    >>> allocator = RankAllocator(model, optimizer, target_rank=1,
+    ...                           tinit=100, tfinal=800, total_steps=1000)
+    >>> allocator.budget_at(100), allocator.budget_at(450), allocator.budget_at(800)
+    (3, 1, 1)
+    >>> for step in range(1, 1001):  # doctest: +SKIP
+    ...     grads = ...  # your loss and gradients
+    ...     optimizer.apply(grads, model.trainable_variables)
+    ...     allocator.update(step)
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        target_rank=8,
+        init_rank=None,
+        tinit=0.1,
+        tfinal=0.7,
+        total_steps=None,
+        delta_t=10,
+        allocation="global",
+        min_rank=0,
+        max_rank=None,
+        total_rank=None,
+        *,
+        budget=None,
+        start=0,
+        initial_budget=None,
+    ):
+        if budget is None:
+            budget = RankBudget(
+                model,
+                target_rank=target_rank,
+                init_rank=init_rank,
+                allocation=allocation,
+                min_rank=min_rank,
+                max_rank=max_rank,
+                total_rank=total_rank,
+            )
+        self.budget = budget
+        self.layers, self.paths = budget.layers, budget.paths
+        self.allocation = budget.allocation
+        self.min_rank, self.max_rank = budget.min_rank, budget.max_rank
+        self.target_budget = budget.target_budget
+        self.optimizer = optimizer
+        optimizer.watch(model)
+        self.sync_state()
+        self.configure_schedule(
+            tinit=schedule.resolve_step(tinit, total_steps, "tinit"),
+            tfinal=schedule.resolve_step(tfinal, total_steps, "tfinal"),
+            total_steps=total_steps,
+            delta_t=delta_t,
+            initial_budget=(
+                budget.start_budget()
+                if initial_budget is None
+                else initial_budget
+            ),
+            start=start,
+        )
+
+    def start_budget(self):
+        """`RankBudget.start_budget` of this allocator's budget."""
+        return self.budget.start_budget()
 
     def configure_schedule(
         self,
@@ -266,10 +296,11 @@ class RankAllocator:
         schedule.validate_schedule(
             tinit=tinit, tfinal=tfinal, total_steps=total_steps, delta_t=delta_t
         )
-        if self.optimizer.importance == "frobenius" and tinit <= start:
+        if self.optimizer.kind.needs_warmup and tinit <= start:
             raise ValueError(
-                "importance='frobenius' scores layers by ||delta_W||_F, which "
-                "is 0 until training moves lam: pass tinit > 0 (a warm-up)."
+                f"importance={self.optimizer.importance!r} scores layers by "
+                "what their adapters add, which is 0 until training moves "
+                "lam: pass tinit > 0 (a warm-up)."
             )
         self.tinit, self.tfinal, self.delta_t = tinit, tfinal, delta_t
         self.total_steps = total_steps
@@ -294,7 +325,10 @@ class RankAllocator:
     @property
     def frozen(self):
         """Whether the final allocation was made (ranks fixed for good)."""
-        return self.last_mask_step is not None and self.last_mask_step >= self.tfinal
+        return (
+            self.last_mask_step is not None
+            and self.last_mask_step >= self.tfinal
+        )
 
     def budget_at(self, step):
         """`b(step)` in components (SPEC.md section 5), capped by what the
@@ -336,7 +370,10 @@ class RankAllocator:
         budget = self.budget_at(step)
         if self.allocation == "global":
             kept = allocation_lib.allocate_global(
-                candidates, budget, min_rank=self.min_rank, max_rank=self.max_rank
+                candidates,
+                budget,
+                min_rank=self.min_rank,
+                max_rank=self.max_rank,
             )
         else:
             kept = allocation_lib.allocate_by_layer(

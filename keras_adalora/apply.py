@@ -1,5 +1,6 @@
 """`apply_adalora`: adapt the layers of an existing model in place."""
 
+from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
 from keras_adalora.adapted_model import mark_adapted
@@ -144,26 +145,34 @@ def freeze_all_but(model, trainable_layers):
     A layer that contains none of them is frozen as a whole
     (`layer.trainable = False`); a layer above one of them stays trainable as
     a container (so Keras still collects the trainable weights below it) but
-    its own weights are frozen.
+    its own weights are frozen. A frozen layer that a kept one also holds (a
+    masked LM head holding the backbone's token embedding) stays frozen, in
+    whichever order the two are reached.
     """
     keep = {id(layer) for layer in trainable_layers}
     above = set()
-    for layer in model._flatten_layers(include_self=True):
+    for layer in _keras.sublayers(model, include_self=True):
         if any(
-            id(sub) in keep for sub in layer._flatten_layers(include_self=False)
+            id(sub) in keep for sub in _keras.sublayers(layer, include_self=False)
         ):
             above.add(id(layer))
+
+    frozen = []
 
     def visit(layer):
         if id(layer) in keep:
             layer.trainable = True
         elif id(layer) not in above:
             layer.trainable = False
+            frozen.append(layer)
         else:
             layer.trainable = True
-            for variable in layer._trainable_variables:
+            for variable in _keras.own_variables(layer)[0]:
                 variable.trainable = False
-            for sub in layer._layers:
+            for sub in _keras.child_layers(layer):
                 visit(sub)
 
     visit(model)
+    # Setting a kept layer trainable also set the layers it holds.
+    for layer in frozen:
+        layer.trainable = False

@@ -11,9 +11,9 @@ from keras_adalora._backend import set_compiled_optimizer
 from keras_adalora import importance as importance_lib
 from keras_adalora import schedule
 from keras_adalora.allocator import RankAllocator
-from keras_adalora.allocator import check_int
+from keras_adalora.allocator import RankBudget
+from keras_adalora._validation import check_int
 from keras_adalora.allocator import validate_budget_args
-from keras_adalora.optimizer import IMPORTANCE_KINDS
 from keras_adalora.optimizer import AdaLoRAOptimizer
 
 
@@ -85,7 +85,8 @@ class RankBudgetCallback(keras.callbacks.Callback):
             times its uncertainty) or `"frobenius"` (the design note's
             smoothed `||delta_W||_F` per layer, of the scaled and masked
             update the layer adds; components ranked by `|lam|`; needs
-            `tinit > 0`).
+            `tinit > 0`), or a kind of your own, an
+            `keras_adalora.importance.Importance` instance.
         allocation: `"global"` (the best components across all layers) or
             `"layer"` (each layer gets rank in proportion to its score,
             `clip(min_rank, max_rank, b * s_l / sum s)`).
@@ -140,13 +141,9 @@ class RankBudgetCallback(keras.callbacks.Callback):
             total_steps, "total_steps", 1, allow_none=True
         )
         self.delta_t = check_int(delta_t, "delta_t", 1)
-        if importance not in IMPORTANCE_KINDS:
-            raise ValueError(
-                f"`importance` must be one of {IMPORTANCE_KINDS}. "
-                f"Received: importance={importance!r}"
-            )
-        self.importance = importance
         importance_lib.validate_betas(beta1, beta2)
+        importance_lib.get(importance, beta1, beta2)  # checks it
+        self.importance = importance
         self.beta1 = beta1
         self.beta2 = beta2
         # The form of tinit/tfinal is checked now (a step count of 1 stands
@@ -163,6 +160,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         self.tinit = tinit
         self.tfinal = tfinal
         self._installed = None
+        self._budget = None
         self._allocator = None
 
     @property
@@ -170,15 +168,15 @@ class RankBudgetCallback(keras.callbacks.Callback):
         """The final budget `BT` in rank-1 components (`target_rank` times
         the number of adapted layers, or `total_rank`); `None` until the
         callback is set on a model (by `fit`)."""
-        if self._allocator is None:
+        if self._budget is None:
             return None
-        return self._allocator.target_budget
+        return self._budget.target_budget
 
     # Setup ----------------------------------------------------------------
 
     def set_model(self, model):
         super().set_model(model)
-        self._allocator = RankAllocator.for_model(
+        self._budget = RankBudget(
             model,
             caller="RankBudgetCallback",
             target_rank=self.target_rank,
@@ -191,7 +189,8 @@ class RankBudgetCallback(keras.callbacks.Callback):
         # The optimizer wrapper goes in before any other callback's
         # `on_train_begin`, so that `BackupAndRestore` restores the scores.
         self._install_optimizer(model)
-        self._allocator.optimizer = self._optimizer
+        # Made whole once training starts and the schedule is known.
+        self._allocator = None
 
     def _install_optimizer(self, model):
         optimizer = getattr(model, "optimizer", None)
@@ -231,7 +230,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             wrapper.build(model.trainable_variables)
         missing = [
             path
-            for path in self._allocator.paths
+            for path in self._budget.paths
             if path not in wrapper.adapter_layer_paths
         ]
         if missing:
@@ -273,7 +272,6 @@ class RankBudgetCallback(keras.callbacks.Callback):
             ops.convert_to_numpy(self._optimizer.applied_batches)
         )
         step = self._micro_step // self._steps_per_update()
-        self._allocator.sync_state()
         stored = self._optimizer.read_schedule()
         if stored is None:
             stored = self._new_schedule(step, first_epoch)
@@ -281,14 +279,16 @@ class RankBudgetCallback(keras.callbacks.Callback):
                 self._optimizer.write_schedule(stored)
         else:
             self._check_schedule(stored)
-        self._allocator.configure_schedule(
+        self._allocator = RankAllocator(
+            self.model,
+            self._optimizer,
             tinit=stored["tinit"],
             tfinal=stored["tfinal"],
             total_steps=stored["total_steps"],
             delta_t=self.delta_t,
-            initial_budget=stored["initial_budget"],
-            target_budget=stored["target_budget"],
+            budget=self._budget,
             start=stored["start"],
+            initial_budget=stored["initial_budget"],
         )
         self._set_scoring(not self._allocator.frozen)
 
@@ -317,8 +317,8 @@ class RankBudgetCallback(keras.callbacks.Callback):
             "tinit": step + tinit,
             "tfinal": step + tfinal,
             "total_steps": step + length,
-            "initial_budget": self._allocator.start_budget(),
-            "target_budget": self._allocator.target_budget,
+            "initial_budget": self._budget.start_budget(),
+            "target_budget": self._budget.target_budget,
         }
 
     def _check_schedule(self, stored):
@@ -328,7 +328,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         asked = {
             "tinit": start + schedule.resolve_step(self.tinit, length, "tinit"),
             "tfinal": start + schedule.resolve_step(self.tfinal, length, "tfinal"),
-            "target_budget": self._allocator.target_budget,
+            "target_budget": self._budget.target_budget,
         }
         if self.total_steps is not None:
             asked["total_steps"] = start + self.total_steps
@@ -358,9 +358,8 @@ class RankBudgetCallback(keras.callbacks.Callback):
         )
 
     def _set_scoring(self, on):
-        if self._optimizer.scoring != on:
-            self._optimizer.scoring = on
-            self.model.make_train_function(force=True)
+        # A value the compiled step reads: no retrace.
+        self._optimizer.scoring = on
 
     # Training hooks -------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Read, shrink and fold the adapters of an adapted model."""
 
+from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
 from keras_adalora._backend import unwrapped_optimizer
@@ -111,7 +112,7 @@ def merge_adalora(model):
     layers = require_adapted_layers(model, "merge_adalora")
     for layer in layers:
         layer.revert_in_place()
-    for obj in model._flatten_layers(include_self=True):
+    for obj in _keras.sublayers(model, include_self=True):
         unmark_adapted(obj)
     model.trainable = False
     refresh_tracked_parameters(model)

@@ -14,21 +14,20 @@ rank schedule `RankBudgetCallback` resolves when AdaLoRA training starts
 (`read_schedule`, `write_schedule`), so that it survives them too.
 """
 
-import math
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
-from keras.src.utils import tracking
 
 from keras_adalora import _distribution
+from keras_adalora import _keras
 from keras_adalora import importance as importance_lib
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
 from keras_adalora.adapter import LAM_NAME
 
-IMPORTANCE_KINDS = ("sensitivity", "frobenius")
+IMPORTANCE_KINDS = tuple(importance_lib.KINDS)
 _ADAPTER_NAMES = (A_NAME, LAM_NAME, B_NAME)
 # The rank schedule as stored in `AdaLoRAOptimizer.schedule`, all in
 # optimizer steps except the budgets (components): where AdaLoRA training
@@ -46,7 +45,7 @@ SCHEDULE_FIELDS = (
 
 def layer_key(variable):
     """The path of the layer that owns `variable` (`"model/dense"`)."""
-    return variable.path.rsplit("/", 1)[0]
+    return _keras.variable_path_layer(variable)
 
 
 @keras.saving.register_keras_serializable(package="keras_adalora")
@@ -83,7 +82,9 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         inner_optimizer: the optimizer that updates the weights.
         beta1: EMA factor of the sensitivity (and of the Frobenius score).
         beta2: EMA factor of the uncertainty.
-        importance: `"sensitivity"` or `"frobenius"`.
+        importance: `"sensitivity"`, `"frobenius"`, or an
+            `importance.Importance` of your own (which carries its own
+            betas; see `keras_adalora.importance`).
         name: optional name.
 
     Example:
@@ -113,32 +114,30 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 f"Received: inner_optimizer={inner_optimizer!r}"
             )
         importance_lib.validate_betas(beta1, beta2)
-        if importance not in IMPORTANCE_KINDS:
-            raise ValueError(
-                f"`importance` must be one of {IMPORTANCE_KINDS}. Received: "
-                f"importance={importance!r}"
-            )
+        kind = importance_lib.get(importance, beta1, beta2)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
-        self.importance = importance
+        # The kind of score (`importance.Importance`); `importance` is its
+        # name for the built-in kinds, the object itself otherwise.
+        self.kind = kind
+        self.importance = importance if isinstance(importance, str) else kind
         self.penalty_weights = {}
         self.layer_scales = {}
-        # Python flag read when the train step is traced: once the ranks are
-        # frozen the callback turns scoring off and retraces, so the final
-        # phase costs what plain LoRA costs.
-        self.scoring = True
+        self._scoring_before_build = True
 
-    @tracking.no_automatic_dependency_tracking
+    @_keras.no_automatic_dependency_tracking
     def build(self, var_list):
         _distribution.check_tf_strategy(
-            getattr(self, "_distribution_strategy", None), var_list
+            _keras.distribution_strategy(self), var_list
         )
         layers = {}
         for variable in var_list:
             if variable.name in _ADAPTER_NAMES:
-                layers.setdefault(layer_key(variable), {})[variable.name] = variable
+                layers.setdefault(layer_key(variable), {})[
+                    variable.name
+                ] = variable
         self._adapter_layers = {
             key: parts
             for key, parts in layers.items()
@@ -149,27 +148,26 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             for parts in self._adapter_layers.values()
             for name in _ADAPTER_NAMES
         ]
-        if self.importance == "sensitivity":
-            self._score_groups = self._build_sensitivity_buffers()
-            self._score_state = [
-                buffer for _, *buffers in self._score_groups for buffer in buffers
-            ]
-        else:
-            self._score_groups = []
-            self._score_state = [
-                self.add_variable(
-                    shape=(len(self._adapter_layers),),
-                    initializer="zeros",
-                    dtype="float32",
-                    aggregation=_distribution.REPLICATED_AGGREGATION,
-                    name="frobenius",
-                )
-            ]
-            # The Frobenius score is the norm of what a layer adds, which
-            # depends on its rank mask; a JAX train step cannot read model
-            # variables from inside the optimizer, so the allocator keeps a
-            # copy of the masks here (see `record_masks`).
-            self._mask_offsets = {}
+        self._score_state = [
+            self.add_variable(
+                shape=spec.shape,
+                initializer="zeros",
+                dtype="float32",
+                aggregation=_distribution.REPLICATED_AGGREGATION,
+                layout=(
+                    None
+                    if spec.like is None
+                    else _distribution.variable_layout(spec.like)
+                ),
+                name=spec.name,
+            )
+            for spec in self.kind.init(self._views(self._variable_parts))
+        ]
+        self._mask_offsets = {}
+        if self.kind.needs_masks:
+            # A kind that reads the rank masks in the step gets a copy here:
+            # a JAX train step cannot read model variables from inside the
+            # optimizer, so the allocator writes them (`record_masks`).
             offset = 0
             for key, parts in self._adapter_layers.items():
                 size = int(parts[LAM_NAME].shape[0])
@@ -182,6 +180,18 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 aggregation=_distribution.REPLICATED_AGGREGATION,
                 name="rank_masks",
             )
+        # Whether the step updates the scores: a value the compiled step
+        # reads, so that turning scoring off when the ranks freeze costs no
+        # retrace; the step then skips the scoring branch (`ops.cond`).
+        self._scoring = self.add_variable(
+            shape=(),
+            initializer=keras.initializers.Constant(
+                int(self._scoring_before_build)
+            ),
+            dtype="int",
+            aggregation=_distribution.REPLICATED_AGGREGATION,
+            name="scoring",
+        )
         # The step of the last mask update, kept with the optimizer state so
         # that a resumed run continues the same schedule.
         self.last_mask_step = self.add_variable(
@@ -203,61 +213,52 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
-    def _build_sensitivity_buffers(self):
-        """The `I_bar`/`U_bar` buffers, as `(variables, ipt, unc)` groups.
+    @property
+    def _variable_parts(self):
+        """`(path, A, lam, B)` variables of every scored layer, in order."""
+        return [
+            (key, parts[A_NAME], parts[LAM_NAME], parts[B_NAME])
+            for key, parts in self._adapter_layers.items()
+        ]
 
-        By default all adapter entries share one flat pair of buffers: the
-        update is then a dozen fused operations per step instead of a dozen
-        per variable (op dispatch dominates on eager torch and XLA CPU).
-        When a `keras.distribution` shards some adapter variable, every
-        variable gets its own pair instead, laid out like the variable, so
-        that scores stay next to their parameters and the step never gathers
-        a sharded gradient into one replicated buffer.
-        """
-        per_variable = any(
-            _distribution.is_sharded(variable) for variable in self._ordered
-        )
-        if per_variable:
-            groups = [[variable] for variable in self._ordered]
+    def _views(self, factors, masks=None):
+        """`importance.AdapterView`s of the scored layers from their
+        `(path, a, lam, b)` (variables, tensors or arrays)."""
+        return [
+            importance_lib.AdapterView(
+                key,
+                a,
+                lam,
+                b,
+                mask=None if masks is None else masks[i],
+                scale=self.layer_scales.get(key, 1.0),
+                penalty_weight=self.penalty_weights.get(key, 0.0),
+            )
+            for i, (key, a, lam, b) in enumerate(factors)
+        ]
+
+    @property
+    def scoring(self):
+        """Whether each step updates the scores (off once the ranks are
+        frozen). Setting it changes a value the compiled step reads: no
+        retrace."""
+        if not self.built:
+            return self._scoring_before_build
+        return bool(int(ops.convert_to_numpy(self._scoring)))
+
+    @scoring.setter
+    def scoring(self, on):
+        if not self.built:
+            self._scoring_before_build = bool(on)
         else:
-            groups = [self._ordered]
-        built = []
-        # `_slices` says where each variable's entries sit in its group's
-        # (flattened) buffers.
-        self._slices = {}
-        for variables in groups:
-            offset = 0
-            for variable in variables:
-                size = math.prod(variable.shape)
-                self._slices[variable.path] = (
-                    offset, size, tuple(variable.shape)
-                )
-                offset += size
-            if per_variable:
-                (variable,) = variables
-                shape = tuple(variable.shape)
-                layout = _distribution.variable_layout(variable)
-                prefix = variable.path.replace("/", "_") + "_"
-            else:
-                shape = (offset,)
-                layout, prefix = None, ""
-            buffers = [
-                self.add_variable(
-                    shape=shape,
-                    initializer="zeros",
-                    dtype="float32",
-                    aggregation=_distribution.REPLICATED_AGGREGATION,
-                    layout=layout,
-                    name=prefix + name,
-                )
-                for name in ("ipt_bar", "unc_bar")
-            ]
-            built.append((variables, *buffers))
-        return built
+            self._scoring.assign(int(bool(on)))
 
     @property
     def variables(self):
-        return self._variables + self.inner_optimizer.variables
+        return (
+            _keras.optimizer_own_variables(self)
+            + self.inner_optimizer.variables
+        )
 
     def apply(self, grads, trainable_variables=None):
         if not self.built:
@@ -265,11 +266,11 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         variables = (
-            self._trainable_variables
+            _keras.optimizer_trainable_variables(self)
             if trainable_variables is None
             else trainable_variables
         )
-        if self.scoring and self._adapter_layers:
+        if self._adapter_layers:
             self._update_scores(list(grads), list(variables))
         self.inner_optimizer.apply(grads, trainable_variables)
 
@@ -280,13 +281,13 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         steps = inner.gradient_accumulation_steps
         if not steps:
             return grads, None
-        # `iterations` counts updates here; `_iterations` counts batches.
-        is_update = ops.equal(ops.mod(inner._iterations + 1, steps), 0)
+        # `iterations` counts updates here; `applied_batches` counts batches.
+        is_update = ops.equal(
+            ops.mod(_keras.applied_batches(inner) + 1, steps), 0
+        )
         effective = []
         for grad, variable in zip(grads, variables):
-            accumulated = inner._accumulated_gradients[
-                inner._get_variable_index(variable)
-            ]
+            accumulated = _keras.accumulated_gradient(inner, variable)
             effective.append((grad + accumulated) / steps)
         return effective, is_update
 
@@ -319,7 +320,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             masks_by_path: `{layer path: (r,) 0/1 array}` for the layers
                 this optimizer scores.
         """
-        if self.importance != "frobenius" or not self._adapter_layers:
+        if not self.kind.needs_masks or not self._adapter_layers:
             return
         flat = np.ones(int(self.mask_copy.shape[0]), dtype="float32")
         for key, (offset, size) in self._mask_offsets.items():
@@ -360,128 +361,97 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         # An adapter that no loss depends on gets no gradient on TensorFlow
         # and torch and a zero one on JAX: score it as zero everywhere.
         grads = [
-            ops.zeros(v.shape, "float32")
-            if by_path[v.path] is None
-            else by_path[v.path]
+            (
+                ops.zeros(v.shape, "float32")
+                if by_path[v.path] is None
+                else by_path[v.path]
+            )
             for v in ordered
         ]
-        grads, is_update = self._effective_gradients(grads, ordered)
+        state = [variable.value for variable in self._score_state]
+        effective, is_update = self._effective_gradients(grads, ordered)
         # Replicas must score the same gradients to write the same masks.
-        grads = _distribution.global_gradients(grads)
-        if self.importance == "sensitivity":
-            grads = dict(zip((v.path for v in ordered), grads))
-            for key, parts in self._adapter_layers.items():
-                weight = self.penalty_weights.get(key, 0.0)
-                if weight:
-                    a, b = parts[A_NAME], parts[B_NAME]
-                    penalty_a, penalty_b = _penalty_gradients(a, b, weight)
-                    grads[a.path] = _float32(grads[a.path]) - penalty_a
-                    grads[b.path] = _float32(grads[b.path]) - penalty_b
-            packed = [
-                (
-                    _pack(variables, ipt_var.shape),
-                    _pack([grads[v.path] for v in variables], ipt_var.shape),
-                    ipt_var,
-                    unc_var,
-                )
-                for variables, ipt_var, unc_var in self._score_groups
-            ]
-            keep = importance_lib.is_finite(*(grad for _, grad, _, _ in packed))
-            if is_update is not None:
-                keep = ops.logical_and(keep, is_update)
-            for theta, grad, ipt_var, unc_var in packed:
-                ipt, unc = importance_lib.sensitivity_update(
-                    theta,
-                    grad,
-                    ipt_var.value,
-                    unc_var.value,
-                    self.beta1,
-                    self.beta2,
-                )
-                ipt_var.assign(ops.where(keep, ipt, ipt_var.value))
-                unc_var.assign(ops.where(keep, unc, unc_var.value))
-        else:
-            keep = importance_lib.is_finite(*grads)
-            if is_update is not None:
-                keep = ops.logical_and(keep, is_update)
-            (score_var,) = self._score_state
-            masks = self.mask_copy.value
-            norms = []
-            for key, parts in self._adapter_layers.items():
-                offset, size = self._mask_offsets[key]
-                mask = ops.slice(masks, (offset,), (size,))
-                lam = _float32(parts[LAM_NAME]) * mask
-                # ||scale * A diag(lam * mask) B||_F: what the layer adds.
-                norms.append(
-                    self.layer_scales.get(key, 1.0)
-                    * _delta_frobenius_norm(parts[A_NAME], lam, parts[B_NAME])
-                )
-            norms = ops.stack(norms)
-            new = importance_lib.frobenius_update(
-                norms, score_var.value, self.beta1
+        # (Outside the branch below: tf.distribute cannot all-reduce inside
+        # a `cond`. Elsewhere this is the identity.)
+        effective = _distribution.global_gradients(effective)
+
+        def score():
+            masks = None
+            if self.kind.needs_masks:
+                copy = self.mask_copy.value
+                masks = [
+                    ops.slice(copy, (offset,), (size,))
+                    for offset, size in self._mask_offsets.values()
+                ]
+            views = self._views(
+                [
+                    (key, a.value, lam.value, b.value)
+                    for key, a, lam, b in self._variable_parts
+                ],
+                masks,
             )
-            score_var.assign(ops.where(keep, new, score_var.value))
+            per_layer = [
+                effective[3 * i : 3 * i + 3] for i in range(len(views))
+            ]
+            new = self.kind.update(state, views, per_layer)
+            # Non-finite gradients (an overflowed step) leave the scores as
+            # they were; so does a micro-batch of gradient accumulation.
+            keep = importance_lib.is_finite(*effective)
+            if is_update is not None:
+                keep = ops.logical_and(keep, is_update)
+            return [ops.where(keep, n, o) for n, o in zip(new, state)]
+
+        new = ops.cond(
+            ops.greater(self._scoring.value, 0), score, lambda: list(state)
+        )
+        for variable, value in zip(self._score_state, new):
+            variable.assign(value)
 
     # Scores, read by the callback at mask steps -----------------------------
 
     def scores_on_host(self, layer_paths, alive=None):
         """Component and layer scores of many layers as NumPy arrays.
 
-        Sensitivity: component `i` scores `s(lam_i) + mean_j s(A_ji) +
-        mean_j s(B_ij)` with `s = I_bar * U_bar` (`importance.element_score`
-        and `importance.component_scores`), a layer the sum of its
-        components. Frobenius: components score `|lam_i|`, a layer its
-        smoothed `||delta_W||_F` (of the masked, scaled update it adds).
-        Pruned components are never candidates again (the allocator only
-        chooses among alive ones), so their stale values do not matter.
-        Computed on the host from one read of each
-        score buffer: the allocator calls this at every mask step, where one
-        small device op per layer would cost more than the allocation.
+        The kind's `scores` (`importance.Sensitivity.scores`: component `i`
+        scores `s(lam_i) + mean_j s(A_ji) + mean_j s(B_ij)` with
+        `s = I_bar * U_bar`, a layer the sum of its alive components;
+        `importance.Frobenius.scores`: components score `|lam_i|`, a layer
+        its smoothed `||delta_W||_F`), from one read of each score buffer:
+        the allocator calls this at every mask step, where one small device
+        op per layer would cost more than the allocation. Pruned components
+        are never candidates again (the allocator only chooses among alive
+        ones), so their stale values do not matter.
 
         Args:
             layer_paths: the layers to score.
-            alive: optionally, one boolean mask per layer: a sensitivity
-                layer score then sums its alive components only.
+            alive: optionally, one boolean mask per layer of `layer_paths`.
 
         Returns:
             `(component_scores, layer_scores)`: a list of `(r,)` arrays and a
             list of floats, in the order of `layer_paths`.
         """
-        if self.importance == "frobenius":
-            norms = ops.convert_to_numpy(self._score_state[0].value)
-            keys = list(self._adapter_layers)
-            components = [
-                np.abs(
-                    ops.convert_to_numpy(self._adapter_layers[p][LAM_NAME].value)
-                )
-                for p in layer_paths
+        keys = list(self._adapter_layers)
+        alive_by_key = (
+            dict(zip(layer_paths, alive)) if alive is not None else {}
+        )
+        views = self._views(
+            [
+                (key, a, ops.convert_to_numpy(lam.value), b)
+                for key, a, lam, b in self._variable_parts
             ]
-            return components, [float(norms[keys.index(p)]) for p in layer_paths]
-        entry_scores = {}
-        for variables, ipt_var, unc_var in self._score_groups:
-            ipt = ops.convert_to_numpy(ipt_var.value).reshape(-1)
-            unc = ops.convert_to_numpy(unc_var.value).reshape(-1)
-            flat = ipt * unc  # s = I_bar * U_bar (SPEC.md section 3)
-            for variable in variables:
-                offset, size, shape = self._slices[variable.path]
-                entry_scores[variable.path] = flat[
-                    offset : offset + size
-                ].reshape(shape)
-        components = []
-        for path in layer_paths:
-            a, lam, b = (
-                entry_scores[self._adapter_layers[path][name].path]
-                for name in _ADAPTER_NAMES
+        )
+        alive_all = [
+            (
+                np.asarray(alive_by_key[key], bool)
+                if key in alive_by_key
+                else np.ones(int(view.lam.shape[0]), bool)
             )
-            # importance.component_scores, in NumPy.
-            components.append(lam + a.mean(axis=0) + b.mean(axis=1))
-        if alive is None:
-            alive = [np.ones(c.shape, dtype=bool) for c in components]
-        totals = [
-            float(c[np.asarray(m, bool)].sum())
-            for c, m in zip(components, alive)
+            for key, view in zip(keys, views)
         ]
-        return components, totals
+        state = [ops.convert_to_numpy(v.value) for v in self._score_state]
+        components, totals = self.kind.scores(state, views, alive_all)
+        index = [keys.index(path) for path in layer_paths]
+        return [components[i] for i in index], [totals[i] for i in index]
 
     @property
     def adapter_layer_paths(self):
@@ -506,7 +476,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
     def applied_batches(self):
         """Gradients applied so far, counting every micro-batch of gradient
         accumulation (`iterations` counts the updates)."""
-        return self.inner_optimizer._iterations
+        return _keras.applied_batches(self.inner_optimizer)
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)
@@ -515,21 +485,22 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         # Only this wrapper's own state: saving walks into `inner_optimizer`
         # and stores its variables there (Keras's default would store them
         # twice, doubling the optimizer part of every file).
-        for i, variable in enumerate(self._variables):
+        for i, variable in enumerate(_keras.optimizer_own_variables(self)):
             store[str(i)] = variable.numpy()
 
     def load_own_variables(self, store):
-        if len(store.keys()) != len(self._variables):
+        own = _keras.optimizer_own_variables(self)
+        if len(store.keys()) != len(own):
             warnings.warn(
                 f"Skipping variable loading for optimizer '{self.name}': it "
-                f"has {len(self._variables)} variables of its own (scores "
+                f"has {len(own)} variables of its own (scores "
                 "and schedule) whereas the saved one has "
                 f"{len(store.keys())}. The file was saved from another "
                 "AdaLoRA setup (other adapters, importance or version).",
                 stacklevel=2,
             )
             return
-        for i, variable in enumerate(self._variables):
+        for i, variable in enumerate(own):
             variable.assign(store[str(i)])
 
     def finalize_variable_values(self, var_list):
@@ -543,7 +514,11 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             ),
             "beta1": self.beta1,
             "beta2": self.beta2,
-            "importance": self.importance,
+            "importance": (
+                self.importance
+                if isinstance(self.importance, str)
+                else keras.saving.serialize_keras_object(self.importance)
+            ),
         }
 
     @classmethod
@@ -552,41 +527,8 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         inner = keras.saving.deserialize_keras_object(
             config.pop("inner_optimizer"), custom_objects=custom_objects
         )
+        if isinstance(config.get("importance"), dict):
+            config["importance"] = keras.saving.deserialize_keras_object(
+                config["importance"], custom_objects=custom_objects
+            )
         return cls(inner, **config)
-
-
-def _float32(x):
-    x = ops.convert_to_tensor(x)
-    if keras.backend.standardize_dtype(x.dtype) == "float32":
-        return x  # an op fewer per tensor: dispatch is the cost here
-    return ops.cast(x, "float32")
-
-
-def _pack(tensors, shape):
-    """`tensors` as one float32 tensor of `shape`: a lone tensor reshaped
-    (a no-op when it already has that shape, keeping its sharding), several
-    flattened and concatenated in order."""
-    if len(tensors) == 1:
-        return ops.reshape(_float32(tensors[0]), shape)
-    return ops.concatenate([ops.reshape(_float32(t), (-1,)) for t in tensors])
-
-
-def _penalty_gradients(a, b, weight):
-    """Gradients of `weight * (||A^T A - I||^2 + ||B B^T - I||^2)` w.r.t.
-    `A` and `B`: `4 weight A (A^T A - I)` and `4 weight (B B^T - I) B`,
-    written as `A (A^T A) - A` to save the identity matrix."""
-    a, b = _float32(a), _float32(b)
-    grad_a = ops.matmul(a, ops.matmul(ops.transpose(a), a)) - a
-    grad_b = ops.matmul(ops.matmul(b, ops.transpose(b)), b) - b
-    return 4.0 * weight * grad_a, 4.0 * weight * grad_b
-
-
-def _delta_frobenius_norm(a, lam, b):
-    """`||A diag(lam) B||_F` from r x r Gram matrices, never forming the
-    d_in x d_out product: `sum_ij lam_i lam_j (A^T A)_ij (B B^T)_ij`."""
-    a = ops.convert_to_tensor(a)
-    b = ops.convert_to_tensor(b)
-    lam = ops.convert_to_tensor(lam)
-    gram = ops.matmul(ops.transpose(a), a) * ops.matmul(b, ops.transpose(b))
-    squared = ops.sum(gram * ops.expand_dims(lam, 0) * ops.expand_dims(lam, 1))
-    return ops.sqrt(ops.maximum(squared, 0.0))

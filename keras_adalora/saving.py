@@ -32,6 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
 from keras_adalora.adapted_model import mark_adapted
@@ -238,8 +239,8 @@ def _weighted_layers(model):
     model order: the positions `save_adapter` records."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=True)
-        if layer._trainable_variables or layer._non_trainable_variables
+        for layer in _keras.sublayers(model, include_self=True)
+        if any(_keras.own_variables(layer))
     ]
 
 
@@ -247,7 +248,7 @@ def _own_weights(layer):
     """`(name, variable)` pairs of the variables `layer` itself owns."""
     named = []
     seen = {}
-    for variable in layer._trainable_variables + layer._non_trainable_variables:
+    for variable in sum(_keras.own_variables(layer), []):
         name = variable.name
         if name in seen:
             seen[name] += 1
@@ -265,7 +266,7 @@ def _trained_layers(weighted):
         for layer in weighted
         if not isinstance(layer, AdaLoRAAdapter)
         and layer.trainable
-        and any(v.trainable for v in layer._trainable_variables)
+        and any(v.trainable for v in _keras.own_variables(layer)[0])
     ]
 
 

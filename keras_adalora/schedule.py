@@ -8,19 +8,17 @@ where pruning starts and `tfinal` the step where it ends.
 
 import numbers
 
-
-def _is_int(value):
-    # bool is an Integral too, but `tinit=True` is always a mistake.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+from keras_adalora._validation import check_int
+from keras_adalora._validation import is_int as _is_int
 
 
-def _check_int(value, name, minimum=0):
-    if not _is_int(value) or value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}, got {name}={value!r}. "
-            f"Pass a whole number of optimizer steps or components."
-        )
-    return int(value)
+def _check_steps(value, name, minimum=0):
+    return check_int(
+        value,
+        name,
+        minimum,
+        hint="Pass a whole number of optimizer steps or components.",
+    )
 
 
 def resolve_step(value, total_steps, name):
@@ -52,7 +50,7 @@ def resolve_step(value, total_steps, name):
     250
     """
     if _is_int(value):
-        return _check_int(value, name)
+        return _check_steps(value, name)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ValueError(
             f"`{name}` must be an int (an optimizer step) or a float in (0, 1) "
@@ -68,7 +66,7 @@ def resolve_step(value, total_steps, name):
             f"`{name}={value!r}` is a fraction of training, but the number of "
             f"steps is unknown: pass total_steps, or give {name} as an int."
         )
-    total_steps = _check_int(total_steps, "total_steps", minimum=1)
+    total_steps = _check_steps(total_steps, "total_steps", minimum=1)
     # Round half up rather than Python's round-half-to-even: 0.5 * 5 -> 3.
     return int(value * total_steps + 0.5)
 
@@ -103,15 +101,15 @@ def budget_at(step, *, initial_budget, target_budget, tinit, tfinal):
     """
     if not _is_int(step):
         raise ValueError(f"`step` must be an integer, got step={step!r}.")
-    tinit = _check_int(tinit, "tinit")
-    tfinal = _check_int(tfinal, "tfinal")
+    tinit = _check_steps(tinit, "tinit")
+    tfinal = _check_steps(tfinal, "tfinal")
     if tinit >= tfinal:
         raise ValueError(
             f"`tinit` must be smaller than `tfinal`, got tinit={tinit} and "
             f"tfinal={tfinal}. Pruning runs from tinit to tfinal."
         )
-    target_budget = _check_int(target_budget, "target_budget")
-    initial_budget = _check_int(initial_budget, "initial_budget")
+    target_budget = _check_steps(target_budget, "target_budget")
+    initial_budget = _check_steps(initial_budget, "initial_budget")
     if target_budget > initial_budget:
         raise ValueError(
             f"`target_budget` must not exceed `initial_budget`, got "
@@ -187,8 +185,8 @@ def validate_schedule(*, tinit, tfinal, total_steps, delta_t):
 
     >>> validate_schedule(tinit=100, tfinal=800, total_steps=1000, delta_t=10)
     """
-    _check_int(tinit, "tinit")
-    _check_int(tfinal, "tfinal")
+    _check_steps(tinit, "tinit")
+    _check_steps(tfinal, "tfinal")
     if tinit >= tfinal:
         raise ValueError(
             f"`tinit` must be smaller than `tfinal`, got tinit={tinit} and "
@@ -196,15 +194,13 @@ def validate_schedule(*, tinit, tfinal, total_steps, delta_t):
             f"it ends; give tfinal a later step."
         )
     if total_steps is not None:
-        _check_int(total_steps, "total_steps", minimum=1)
+        _check_steps(total_steps, "total_steps", minimum=1)
         if tfinal > total_steps:
             raise ValueError(
                 f"tfinal={tfinal} is beyond the last step of training "
                 f"(total_steps={total_steps}): the target rank would never be "
                 f"reached. Lower tfinal or train for more steps."
             )
-    if not _is_int(delta_t) or delta_t < 1:
-        raise ValueError(
-            f"`delta_t` must be an integer >= 1 (optimizer steps between two "
-            f"mask updates), got delta_t={delta_t!r}."
-        )
+    check_int(
+        delta_t, "delta_t", 1, hint="(Optimizer steps between two mask updates.)"
+    )

@@ -5,6 +5,7 @@ import weakref
 
 import keras
 
+from keras_adalora import _keras
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.layers import AdaLoRADense
 from keras_adalora.layers import AdaLoRAEinsumDense
@@ -36,14 +37,14 @@ def layer_path(layer):
 
 def all_layers(model):
     """Every layer below `model` once, parents before children."""
-    return list(model._flatten_layers(include_self=False))
+    return list(_keras.sublayers(model, include_self=False))
 
 
 def adapted_layers(model):
     """The AdaLoRA layers of `model`, in model order."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=True)
+        for layer in _keras.sublayers(model, include_self=True)
         if isinstance(layer, AdaLoRAAdapter)
     ]
 
@@ -97,7 +98,7 @@ def projection_roles(model):
     roles = {}
 
     def visit(layer, in_attention):
-        children = list(layer._flatten_layers(include_self=False, recursive=False))
+        children = list(_keras.sublayers(layer, include_self=False, recursive=False))
         block = any(is_attention_layer(child) for child in children)
         for child in children:
             if isinstance(child, tuple(ADAPTER_FOR)):
@@ -162,11 +163,11 @@ def task_head_layers(model):
     for part in (backbone, getattr(model, "preprocessor", None)):
         if isinstance(part, keras.layers.Layer):
             inside.update(
-                id(layer) for layer in part._flatten_layers(include_self=True)
+                id(layer) for layer in _keras.sublayers(part, include_self=True)
             )
     return [
         layer
-        for layer in model._flatten_layers(include_self=False, recursive=False)
+        for layer in _keras.sublayers(model, include_self=False, recursive=False)
         if id(layer) not in inside and layer.weights
     ]
 
@@ -214,7 +215,7 @@ def select_layers(model, target, keep_trainable=None, init_rank=None):
             )
     kept = set()
     for layer in to_keep:
-        kept.update(id(sub) for sub in layer._flatten_layers(include_self=True))
+        kept.update(id(sub) for sub in _keras.sublayers(layer, include_self=True))
 
     too_small = []
     if target is None:

@@ -13,6 +13,7 @@ from keras_adalora import AdaLoRADense
 from keras_adalora import AdaLoRAEinsumDense
 from keras_adalora import apply_adalora
 from keras_adalora import get_rank_pattern
+from keras_adalora import merge_adalora
 from keras_adalora.targets import adapted_layers
 
 
@@ -233,6 +234,19 @@ def test_quantized_layers_are_refused():
     with pytest.raises(ValueError, match="quantized"):
         apply_adalora(model, init_rank=2)
     assert_untouched(model, weights)
+
+
+def test_an_adapted_model_refuses_quantize_before_changing_a_layer():
+    model = apply_adalora(mlp(), init_rank=2, keep_trainable=["head"])
+    before = [to_numpy(w).copy() for w in model.weights]
+    with pytest.raises(ValueError, match=r"merge_adalora\(model\)"):
+        model.quantize("int8")
+    assert all(layer.quantization_mode is None for layer in model.layers)
+    assert all(np.array_equal(b, to_numpy(w)) for b, w in zip(before, model.weights))
+    # Merged, it is a plain model again, and quantizes.
+    merge_adalora(model)
+    model.quantize("int8")
+    assert model.get_layer("hidden").quantization_mode == "int8"
 
 
 def test_keras_lora_layers_are_refused():

@@ -122,6 +122,28 @@ def test_ranks_freeze_and_scoring_stops_after_tfinal():
         np.testing.assert_array_equal(to_numpy(variable), before)
 
 
+def test_freezing_the_ranks_keeps_the_compiled_train_step():
+    model = compile_model(two_branch_model())
+    seen = []
+
+    class TrainFunctions(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(self.model.train_function)
+
+    callback = RankBudgetCallback(target_rank=2, tinit=4, tfinal=16, delta_t=4)
+    model.fit(
+        *regression_data(),
+        batch_size=8,
+        epochs=4,
+        verbose=0,
+        callbacks=[callback, TrainFunctions()],
+    )
+    assert not model.optimizer.scoring and len(seen) == 32
+    # Scoring turned off at step 16 through a variable: one train step,
+    # traced once, ran the whole fit (no retrace at the freeze).
+    assert all(function is seen[0] for function in seen)
+
+
 def test_a_second_fit_continues_the_schedule():
     model = compile_model(two_branch_model())
     log = BatchLog()
@@ -380,16 +402,24 @@ def test_host_scores_equal_the_in_graph_scores(importance):
             index = paths.index(path)
             want_total = to_numpy(optimizer._score_state[0])[index]
         else:
+            # One flat pair of buffers over every adapter entry, in order.
             ipt, unc = (to_numpy(v) for v in optimizer._score_state)
+            offset = 0
+            for key in paths[: paths.index(path)]:
+                other = model.get_layer(key)
+                for v in (other.adalora_a, other.adalora_lam, other.adalora_b):
+                    offset += int(np.prod(v.shape))
             parts = []
             for variable in (layer.adalora_a, layer.adalora_lam, layer.adalora_b):
-                offset, size, shape = optimizer._slices[variable.path]
+                size = int(np.prod(variable.shape))
                 entries = slice(offset, offset + size)
                 parts.append(
                     importance_lib.element_score(
-                        ipt[entries].reshape(shape), unc[entries].reshape(shape)
+                        ipt[entries].reshape(variable.shape),
+                        unc[entries].reshape(variable.shape),
                     )
                 )
+                offset += size
             want = importance_lib.component_scores(*parts)
             want_total = to_numpy(want).sum()
         np.testing.assert_allclose(on_host, to_numpy(want), rtol=1e-5, atol=1e-12)

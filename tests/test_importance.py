@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_adalora.importance import Importance
+from keras_adalora.importance import StateSpec
 from keras_adalora.importance import component_scores
 from keras_adalora.importance import element_score
 from keras_adalora.importance import frobenius_component_scores
@@ -204,3 +206,56 @@ def test_a_bad_beta_is_refused_by_name(bad, name):
     betas = {"beta1": 0.85, "beta2": 0.85, name: bad}
     with pytest.raises(ValueError, match=rf"{name}.*\[0, 1\).*{name}="):
         validate_betas(**betas)
+
+
+# A kind of one's own ----------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="test_importance")
+class SmoothedMagnitude(Importance):
+    """A third kind, as a user writes one: components score a smoothed
+    `|lam|`, layers the sum of their alive components."""
+
+    name = "smoothed_magnitude"
+
+    def init(self, layers):
+        return [StateSpec("magnitude", (sum(int(l.lam.shape[0]) for l in layers),))]
+
+    def update(self, state, layers, grads):
+        lam = ops.concatenate([ops.abs(ops.convert_to_tensor(l.lam)) for l in layers])
+        return [self.beta1 * state[0] + (1 - self.beta1) * lam]
+
+    def scores(self, state, layers, alive):
+        components, offset = [], 0
+        for layer in layers:
+            size = int(layer.lam.shape[0])
+            components.append(np.asarray(state[0][offset : offset + size]))
+            offset += size
+        return components, [float(c[m].sum()) for c, m in zip(components, alive)]
+
+
+def test_a_kind_of_ones_own_trains_to_the_budget_and_saves(tmp_path):
+    from helpers import data
+    from helpers import mlp
+
+    from keras_adalora import RankBudgetCallback
+    from keras_adalora import apply_adalora
+    from keras_adalora import get_rank_pattern
+
+    model = mlp()
+    apply_adalora(model, init_rank=4, keep_trainable=["head"])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    kind = SmoothedMagnitude(beta1=0.5)
+    callback = RankBudgetCallback(target_rank=2, tinit=2, tfinal=6, delta_t=2, importance=kind)
+    model.fit(*data(), batch_size=4, epochs=1, verbose=0, callbacks=[callback])
+    assert sum(get_rank_pattern(model).values()) == callback.target_budget == 4
+    optimizer = model.optimizer
+    assert optimizer.kind == kind and not optimizer.scoring
+    (state,) = optimizer._score_state
+    assert float(ops.convert_to_numpy(ops.sum(state))) > 0  # it was updated
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert again.optimizer.kind == kind
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(again.optimizer._score_state[0]), ops.convert_to_numpy(state)
+    )

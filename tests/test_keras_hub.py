@@ -173,3 +173,19 @@ def test_a_task_head_stays_trainable_unless_told_otherwise():
     }
     frozen_head = apply_adalora(bert(), init_rank=2, target="all", keep_trainable=[])
     assert not frozen_head.get_layer("logits").trainable_weights
+
+
+def test_a_head_holding_the_token_embedding_leaves_it_frozen():
+    # BertMaskedLM's head holds the backbone's token embedding (tied
+    # weights): the head trains, the backbone's embedding stays frozen, on
+    # every backend (whichever of the two the model's layers list first).
+    masked = keras_hub.models.BertMaskedLM(bert().backbone, preprocessor=None)
+    apply_adalora(masked, init_rank=2, target="all")
+    trained = {v.path for v in masked.trainable_variables if "adalora" not in v.path}
+    assert trained == {
+        "mlm_head/output_bias",
+        "mlm_head/intermediate_dense/kernel",
+        "mlm_head/intermediate_dense/bias",
+        "mlm_head/intermediate_layer_norm/gamma",
+        "mlm_head/intermediate_layer_norm/beta",
+    }

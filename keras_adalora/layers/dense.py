@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_adalora import _keras
 from keras_adalora.adapter import AdaptedLayerMixin
 
 
@@ -74,13 +75,14 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         self._build_adapter()
 
     def _base_kernel_variable(self):
-        return self._kernel
+        return _keras.kernel_variable(self)
 
-    def _base_weight_names(self):
-        return (("kernel", "_kernel"), ("bias", "bias"))
+    @staticmethod
+    def _base_named_weights(layer):
+        return (("kernel", _keras.kernel_variable(layer)), ("bias", layer.bias))
 
     def _adapter_matrix_shape(self):
-        return tuple(self._kernel.shape)
+        return tuple(_keras.kernel_variable(self).shape)
 
     def _kernel_from_matrix(self, matrix):
         return matrix
@@ -98,5 +100,5 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
 
     def call(self, inputs, training=None):
         return self._add_adapter_bias_activation(
-            ops.matmul(inputs, self._kernel), inputs, training
+            ops.matmul(inputs, _keras.kernel_variable(self)), inputs, training
         )

@@ -8,6 +8,7 @@ import string
 import keras
 from keras import ops
 
+from keras_adalora import _keras
 from keras_adalora.adapter import AdaptedLayerMixin
 
 
@@ -172,17 +173,18 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
     @property
     def matrix_view(self):
         """The `EinsumMatrixView` of this layer's kernel."""
-        return _matrix_view(self.equation, tuple(self._kernel.shape))
+        return _matrix_view(self.equation, tuple(_keras.kernel_variable(self).shape))
 
     def _base_kernel_variable(self):
-        return self._kernel
+        return _keras.kernel_variable(self)
 
-    def _base_weight_names(self):
-        return (("kernel", "_kernel"), ("bias", "bias"))
+    @staticmethod
+    def _base_named_weights(layer):
+        return (("kernel", _keras.kernel_variable(layer)), ("bias", layer.bias))
 
     def _adapter_matrix_shape(self):
         # Also called on a plain EinsumDense by `check_wrappable`.
-        return _matrix_view(self.equation, tuple(self._kernel.shape)).matrix_shape
+        return _matrix_view(self.equation, tuple(_keras.kernel_variable(self).shape)).matrix_shape
 
     def _kernel_from_matrix(self, matrix):
         return self.matrix_view.kernel_from_matrix(matrix)
@@ -208,5 +210,5 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
 
     def call(self, inputs, training=None):
         return self._add_adapter_bias_activation(
-            ops.einsum(self.equation, inputs, self._kernel), inputs, training
+            ops.einsum(self.equation, inputs, _keras.kernel_variable(self)), inputs, training
         )

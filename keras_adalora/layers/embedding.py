@@ -4,6 +4,7 @@ import keras
 from keras import backend
 from keras import ops
 
+from keras_adalora import _keras
 from keras_adalora.adapter import AdaptedLayerMixin
 
 
@@ -66,13 +67,14 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
         self._build_adapter()
 
     def _base_kernel_variable(self):
-        return self._embeddings
+        return _keras.kernel_variable(self)
 
-    def _base_weight_names(self):
-        return (("embeddings", "_embeddings"),)
+    @staticmethod
+    def _base_named_weights(layer):
+        return (("embeddings", _keras.kernel_variable(layer)),)
 
     def _adapter_matrix_shape(self):
-        return tuple(self._embeddings.shape)
+        return tuple(_keras.kernel_variable(self).shape)
 
     def _kernel_from_matrix(self, matrix):
         return matrix
@@ -92,6 +94,6 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
         if backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
         outputs = ops.cast(
-            ops.take(self._embeddings, inputs, axis=0), self.compute_dtype
+            ops.take(_keras.kernel_variable(self), inputs, axis=0), self.compute_dtype
         )
         return ops.add(outputs, self.adapter_output(inputs, training=training))
