@@ -46,7 +46,7 @@ def train_with_callback(task, family, epochs=3):
     return callback
 
 
-def hf_deltas(peft_model, base_model, family, task):
+def hf_deltas(peft_model, base_model):
     """`{hf module: delta weight}` of the PEFT model, merged, against its
     base, in the Hugging Face weight's own orientation."""
     merged = peft_model.merge_and_unload()
@@ -60,12 +60,12 @@ def hf_deltas(peft_model, base_model, family, task):
     }
 
 
-def keras_delta_for(layers, family, task):
+def keras_deltas(task):
     """The Hugging Face modules' deltas implied by the Keras adapters."""
     fam, task_info = identify(task, "test")
     prefix = task_info.prefix
     deltas = {}
-    for layer in layers:
+    for layer in adapted_layers(task):
         module, part, parts = fam.hf_module(layer.path)
         matrix = to_numpy(layer.delta_matrix())
         deltas.setdefault(prefix + module, {})[part] = (matrix, parts)
@@ -81,6 +81,16 @@ def keras_delta_for(layers, family, task):
         embedding = "embeddings" in module
         out[module] = full if (fam.fan_in_fan_out or embedding) else full.T
     return out
+
+
+def assert_deltas_match(peft_model, family, checkpoint, task):
+    """PEFT's merged weights minus the base are the Keras adapters'
+    delta_W, module by module (atol 1e-5)."""
+    deltas = hf_deltas(peft_model, hf_models.load_hf(family, checkpoint))
+    for module, delta in keras_deltas(task).items():
+        np.testing.assert_allclose(
+            deltas[module], delta, atol=1e-5, err_msg=module
+        )
 
 
 @needs_torch
@@ -135,17 +145,8 @@ def test_export_loads_in_peft_and_computes_the_same(family, tmp_path):
         np.testing.assert_allclose(keras_hidden, hf_hidden, atol=1e-4)
         np.testing.assert_allclose(keras_out, hf_logits, atol=1e-4)
 
-    # Weight by weight: PEFT's merged weights minus the base are the Keras
-    # adapters' delta_W.
-    deltas = hf_deltas(
-        peft_model, hf_models.load_hf(family, checkpoint), family, task
-    )
-    for module, delta in keras_delta_for(
-        adapted_layers(task), family, task
-    ).items():
-        np.testing.assert_allclose(
-            deltas[module], delta, atol=1e-5, err_msg=module
-        )
+    # Weight by weight.
+    assert_deltas_match(peft_model, family, checkpoint, task)
 
 
 def peft_train(model, family, steps=6, allocate=None):
@@ -224,15 +225,7 @@ def test_import_of_a_peft_lora_adapter_trained_in_torch(family, tmp_path):
     if family in HIDDEN_EXACT:
         np.testing.assert_allclose(keras_hidden, hf_hidden, atol=1e-4)
         np.testing.assert_allclose(keras_out, hf_logits, atol=1e-4)
-    deltas = hf_deltas(
-        model, hf_models.load_hf(family, checkpoint), family, task
-    )
-    for module, delta in keras_delta_for(
-        adapted_layers(task), family, task
-    ).items():
-        np.testing.assert_allclose(
-            deltas[module], delta, atol=1e-5, err_msg=module
-        )
+    assert_deltas_match(model, family, checkpoint, task)
 
     # AdaLoRA then prunes the imported LoRA adapter to a budget.
     callback = train_with_callback(task, family, epochs=2)
@@ -285,15 +278,7 @@ def test_import_of_a_peft_adalora_adapter_after_its_pruning(family, tmp_path):
     hf_hidden, hf_logits = hf_models.hf_outputs(model, ids)
     np.testing.assert_allclose(keras_hidden, hf_hidden, atol=1e-4)
     np.testing.assert_allclose(keras_out, hf_logits, atol=1e-4)
-    deltas = hf_deltas(
-        model, hf_models.load_hf(family, checkpoint), family, task
-    )
-    for module, delta in keras_delta_for(
-        adapted_layers(task), family, task
-    ).items():
-        np.testing.assert_allclose(
-            deltas[module], delta, atol=1e-5, err_msg=module
-        )
+    assert_deltas_match(model, family, checkpoint, task)
 
 
 # Every backend: the files alone, without torch.
