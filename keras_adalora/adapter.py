@@ -27,6 +27,9 @@ from keras_adalora.regularizers import orthogonality_penalty
 # dtype policy: importance scores and tiny singular values do not survive
 # bfloat16 (same choice as Keras's built-in LoRA).
 ADAPTER_DTYPE = "float32"
+# `alpha=None` gives every adapter the scale `sqrt(d_in * d_out) / 12`,
+# what `alpha = sqrt(d_in * d_out)` gives at init_rank 12, whatever its rank.
+REFERENCE_RANK = 12
 
 A_NAME = "adalora_A"
 LAM_NAME = "adalora_lam"
@@ -49,7 +52,8 @@ def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
         ):
             raise ValueError(
                 "`alpha` must be a positive number or None (None means "
-                "alpha=sqrt(d_in * d_out), per layer). Received: "
+                "alpha=init_rank * sqrt(d_in * d_out) / 12, per layer). "
+                "Received: "
                 f"alpha={alpha!r}"
             )
         if not alpha > 0:
@@ -172,21 +176,24 @@ class AdaLoRAAdapter:
         return self.alpha / self.init_rank
 
     def _resolve_alpha(self):
-        """`alpha=None` means `sqrt(d_in * d_out)`, known once the kernel is.
+        """`alpha=None` means `init_rank * sqrt(d_in * d_out) / 12`, known
+        once the kernel is: a scale `alpha / init_rank` of
+        `sqrt(d_in * d_out) / 12` whatever the rank.
 
-        With that default the adapter moves as fast as with SPEC.md's
-        `N(0, 1/init_rank)` factors, whose columns of `A` and rows of `B`
-        have norms `sqrt(d_in / init_rank)` and `sqrt(d_out / init_rank)`:
-        our factors are orthonormal (norm 1), so the scale carries those
-        norms instead, `sqrt(d_in * d_out) / init_rank`. With a scale of 1,
-        Adam moves each singular value `lam` by about the learning rate per
-        step and the adapter learns far slower than LoRA (measured on
-        MiniLM after 75 steps: test accuracy 0.650 with a scale of 1,
-        0.860-0.940 over 3 seeds with this default, 0.900 for LoRA).
+        Our factors are orthonormal (norm 1), so the scale carries the
+        norms SPEC.md's `N(0, 1/init_rank)` factors would have at the
+        reference rank 12 (`sqrt(d_in / 12)` and `sqrt(d_out / 12)`); with a
+        scale of 1, Adam moves each `lam` by about the learning rate per
+        step and the adapter learns far slower than LoRA. The scale does not
+        grow as `init_rank` shrinks (as Keras LoRA's, whose `lora_alpha`
+        defaults to the rank): with `sqrt(d_in * d_out)` instead, rank 3
+        adapters on MiniLM got 4x the scale and collapsed to the majority
+        class at 2 of 3 learning rates (benchmarks/RESULTS.md).
         """
         if self.alpha is None:
             d_in, d_out = self._adapter_matrix_shape()
-            self.alpha = float(np.sqrt(float(d_in) * float(d_out)))
+            root = float(np.sqrt(float(d_in) * float(d_out)))
+            self.alpha = self.init_rank * root / REFERENCE_RANK
 
     # Variables -------------------------------------------------------------
 

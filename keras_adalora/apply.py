@@ -50,10 +50,12 @@ def apply_adalora(
         model: a built Keras model (or layer).
         init_rank: number of rank-1 components each adapter starts with.
         alpha: scale numerator; each adapter is multiplied by
-            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of each
-            layer's kernel read as a matrix: the adapter's factors are
-            orthonormal, so the scale carries the norms SPEC.md's random
-            factors would have (see README, "Where we differ").
+            `alpha / init_rank`. Defaults to
+            `init_rank * sqrt(d_in * d_out) / 12` of each layer's kernel
+            read as a matrix, a scale of `sqrt(d_in * d_out) / 12` whatever
+            `init_rank`: the adapter's factors are orthonormal, so the scale
+            carries the norms SPEC.md's random factors would have at rank
+            12 (see README, "Where we differ").
         target: which layers to adapt. `None`: every plain `Dense` and
             `EinsumDense` whose kernel can hold `init_rank` components (a
             layer smaller than that, such as a head with few classes, is

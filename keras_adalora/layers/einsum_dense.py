@@ -128,9 +128,10 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
         init_rank: Number of rank-1 components the adapter starts with; at
             most `min(d_in, d_out)` of the kernel's matrix view.
         alpha: Scale numerator; the adapter is multiplied by
-            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of the
-            kernel read as a `(d_in, d_out)` matrix (set when the layer
-            is built).
+            `alpha / init_rank`. Defaults to
+            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
+            kernel read as a matrix (set when the layer is built): a scale
+            of `sqrt(d_in * d_out) / 12` whatever `init_rank`.
         dropout: Dropout rate applied to the adapter's input only.
         orth_reg_weight: Weight of the orthogonality penalty added to the
             model's losses during training; `0` disables it.

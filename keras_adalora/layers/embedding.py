@@ -22,9 +22,10 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
         init_rank: Number of rank-1 components the adapter starts with; at
             most `min(input_dim, output_dim)`.
         alpha: Scale numerator; the adapter is multiplied by
-            `alpha / init_rank`. Defaults to `sqrt(d_in * d_out)` of the
-            kernel read as a `(d_in, d_out)` matrix (set when the layer
-            is built).
+            `alpha / init_rank`. Defaults to
+            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
+            kernel read as a matrix (set when the layer is built): a scale
+            of `sqrt(d_in * d_out) / 12` whatever `init_rank`.
         dropout: Must be `0`: an embedding's inputs are token ids, which
             dropout does not apply to.
         orth_reg_weight: Weight of the orthogonality penalty added to the

@@ -1,0 +1,128 @@
+"""What the benchmark compares, as data: tasks, methods, budgets, grids.
+
+Nothing here imports Keras; the runner and the report read these tables.
+"""
+
+TASKS = {"spam": "spam_assassin", "source": "spam_assassin/source"}
+
+# Per method: its label in the report, whether it has a rank budget, and
+# the learning rates the validation split chooses from (the three adapter
+# methods share one grid).
+ADAPTER_GRID = (2e-3, 4e-3, 8e-3)
+METHODS = {
+    "adalora": ("AdaLoRA (`RankBudgetCallback`)", True, ADAPTER_GRID),
+    "uniform": ("same AdaLoRA layers, uniform rank, no callback", True, ADAPTER_GRID),
+    "lora": ("Keras LoRA (`enable_lora`)", True, ADAPTER_GRID),
+    "full": ("full fine-tuning", False, (5e-5, 1e-4, 2e-4)),
+    "head": ("frozen backbone, trained head", False, (2e-3, 1e-2, 5e-2)),
+}
+METHODS = {
+    name: {"label": label, "budgeted": budgeted, "grid": grid}
+    for name, (label, budgeted, grid) in METHODS.items()
+}
+
+# Budgets as the average final rank per adapted layer; AdaLoRA starts at
+# 1.5x it (the paper's b(0) = 1.5 b(T)).
+BUDGETS = {"low": 2, "mid": 8}
+
+# The projections `apply_adalora(target="all")` adapts in every block of a
+# KerasHub BERT, by layer name (what `Backbone.enable_lora` matches).
+PROJECTIONS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "feedforward_intermediate_dense",
+    "feedforward_output_dense",
+)
+
+
+def init_rank_of(target_rank):
+    """AdaLoRA's initial rank for a final average `target_rank`.
+
+    >>> init_rank_of(2), init_rank_of(8)
+    (3, 12)
+    """
+    return int(round(1.5 * target_rank))
+
+
+def cells(tasks, methods, budgets):
+    """Every `(task, method, budget)` to measure; `budget` is `None` for the
+    methods without one (full fine-tuning, the head).
+
+    >>> cells(["spam"], ["adalora", "head"], ["low", "mid"])
+    [('spam', 'adalora', 'low'), ('spam', 'adalora', 'mid'), ('spam', 'head', None)]
+    """
+    out = []
+    for task in tasks:
+        for method in methods:
+            if METHODS[method]["budgeted"]:
+                out.extend((task, method, budget) for budget in budgets)
+            else:
+                out.append((task, method, None))
+    return out
+
+
+def cell_name(task, method, budget):
+    """A file-name-safe name of one cell.
+
+    >>> cell_name("spam", "head", None), cell_name("spam", "lora", "low")
+    ('spam-head', 'spam-lora-low')
+    """
+    return "-".join(p for p in (task, method, budget) if p)
+
+
+# AdaLoRA settings compared on the validation split (`--variants`): each
+# sets the adapters' scale rule and other `apply_adalora` arguments
+# (`adalora`, given to the uniform control too) or the callback's schedule
+# (`schedule`, fractions of the run; AdaLoRA only). Records keep the
+# variant's name, and the rule is applied explicitly (see
+# `workers.set_scale`), so they keep their meaning when defaults change.
+# `control`: the variant of the uniform control with the same adapters
+# (itself where it is not said).
+VARIANTS = {
+    "sqrt": {
+        "adalora": {"scale": "sqrt"},
+        "doc": "alpha = sqrt(d_in * d_out): scale sqrt(d_in * d_out) / init_rank "
+        "(the library's default up to this benchmark)",
+    },
+    "rank-free": {
+        "adalora": {"scale": "rank-free"},
+        "doc": "scale sqrt(d_in * d_out) / 12 whatever the rank "
+        "(alpha = init_rank * sqrt(d_in * d_out) / 12)",
+    },
+    "rank-free-long-final": {
+        "adalora": {"scale": "rank-free"},
+        "schedule": {"tinit": 0.1, "tfinal": 0.5},
+        "control": "rank-free",
+        "doc": "rank-free, and pruning ends at half the run, so the pruned "
+        "adapter trains for the other half",
+    },
+    "rank-free-no-orth": {
+        "adalora": {"scale": "rank-free", "orth_reg_weight": 0.0},
+        "control": "rank-free-no-orth",
+        "doc": "rank-free, without the orthogonality penalty",
+    },
+}
+
+
+def variants_for(method, variants):
+    """The variants that change `method`: all of them for AdaLoRA; their
+    controls (same adapters, no schedule) for the uniform control; for
+    the others none, `["sqrt"]` being a name only.
+
+    >>> variants_for("uniform", ["sqrt", "rank-free-long-final", "rank-free"])
+    ['sqrt', 'rank-free']
+    >>> variants_for("lora", ["rank-free"])
+    ['sqrt']
+    """
+    if method == "adalora":
+        return list(variants)
+    if method != "uniform":
+        return ["sqrt"]
+    out = []
+    for name in variants:
+        control = VARIANTS[name].get("control", name)
+        if control not in out:
+            out.append(control)
+    return out

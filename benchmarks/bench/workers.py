@@ -1,0 +1,361 @@
+"""One benchmark run, in a subprocess of its own (one backend per process).
+
+`python benchmarks/compare.py --worker SPEC.json` calls `run(spec_path)`:
+it reads the spec the runner wrote, trains, and writes the record next to
+it. `quality` trains one method on one task with one seed and learning
+rate and evaluates on validation (and on test when the spec says so);
+`speed` times AdaLoRA with the callback against Keras LoRA in one process.
+"""
+
+import json
+import pathlib
+import time
+
+from . import data as bench_data
+from .protocol import PROJECTIONS, TASKS
+
+
+def count(weights):
+    """Number of scalars in a list of weights."""
+    total = 0
+    for weight in weights:
+        size = 1
+        for dim in weight.shape:
+            size *= int(dim)
+        total += size
+    return total
+
+
+def load_data(spec):
+    return bench_data.load(
+        spec["settings"],
+        TASKS[spec["task"]],
+        spec["preset"],
+        spec["cache_dir"],
+        data_dir=spec.get("data_dir"),
+    )
+
+
+def classifier(spec, num_classes):
+    import keras_hub
+
+    return keras_hub.models.BertTextClassifier.from_preset(
+        spec["preset"], num_classes=num_classes, preprocessor=None
+    )
+
+
+def lora_layers(model):
+    """The projections Keras's LoRA adapts, by the names it matches."""
+    return [
+        layer
+        for layer in model.backbone._flatten_layers(include_self=False)
+        if layer.name in PROJECTIONS and hasattr(layer, "kernel")
+    ]
+
+
+def enable_lora(model, rank):
+    """Keras's built-in LoRA on the 36 projections; returns their paths.
+
+    `Backbone.enable_lora` freezes the whole backbone and gives LoRA
+    factors to the layers of these names; the head stays trainable. Their
+    biases are frozen too: AdaLoRA freezes them, so both methods train
+    their adapter factors and the head, nothing else.
+    """
+    model.backbone.enable_lora(rank, target_layer_names=list(PROJECTIONS))
+    layers = [l for l in lora_layers(model) if getattr(l, "lora_enabled", False)]
+    for layer in layers:
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.trainable = False
+    return sorted(layer.path for layer in layers)
+
+
+def lora_params_per_rank(model):
+    """Parameters Keras's LoRA adds per unit of rank on the 36 projections
+    (`A: kernel.shape[:-1] + (r,)`, `B: (r, kernel.shape[-1])`)."""
+    total = 0
+    for layer in lora_layers(model):
+        shape = [int(d) for d in layer.kernel.shape]
+        lead = 1
+        for dim in shape[:-1]:
+            lead *= dim
+        total += lead + shape[-1]
+    return total
+
+
+def set_scale(model, rule):
+    """Gives every adapted layer the `alpha` of a scale rule, explicitly,
+    so that the records keep their meaning if the library's default moves.
+
+    - `"sqrt"`: `alpha = sqrt(d_in * d_out)`, a scale of
+      `sqrt(d_in * d_out) / init_rank` (the library's default to 0.1.0);
+    - `"rank-free"`: `alpha = init_rank * sqrt(d_in * d_out) / 12`, the
+      scale `sqrt(d_in * d_out) / 12` whatever the rank (what `"sqrt"`
+      gives at init_rank 12);
+    - a number: that `alpha` on every layer.
+    """
+    import math
+
+    import keras_adalora
+
+    kinds = (keras_adalora.AdaLoRADense, keras_adalora.AdaLoRAEinsumDense)
+    for layer in model._flatten_layers(include_self=False):
+        if not isinstance(layer, kinds):
+            continue
+        d_in, d_out = layer._adapter_matrix_shape()
+        root = math.sqrt(float(d_in) * float(d_out))
+        if rule == "sqrt":
+            layer.alpha = root
+        elif rule == "rank-free":
+            layer.alpha = layer.init_rank * root / 12.0
+        else:
+            layer.alpha = float(rule)
+
+
+def step_timer():
+    """A Keras callback recording the wall time between batch starts."""
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs = []
+            self._last = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs.append([])
+            self._last = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            now = time.perf_counter()
+            if self._last is not None:
+                self.epochs[-1].append(now - self._last)
+            self._last = now
+
+        def on_train_batch_end(self, batch, logs=None):
+            # Defined so that Keras waits for each step before the next, as
+            # it does for RankBudgetCallback (JAX dispatches asynchronously).
+            pass
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self._last is not None:
+                self.epochs[-1].append(time.perf_counter() - self._last)
+
+        def steady(self):
+            """Step times without each epoch's first and last step."""
+            steady = [t for epoch in self.epochs for t in epoch[1:-1]]
+            return steady or [t for epoch in self.epochs for t in epoch[1:]]
+
+    return StepTimer()
+
+
+def compile_model(model, learning_rate):
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def _batches(x, y, batch_size, seed):
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+    )
+
+
+def quality(spec):
+    """Trains `spec["method"]` on one task with one seed and learning rate;
+    returns its record (validation, and test if `spec["evaluate_test"]`)."""
+    import keras
+    import numpy as np
+
+    import keras_adalora
+    from keras_adalora.summary import adapter_table
+
+    s = spec["settings"]
+    seed, method, rate = spec["seed"], spec["method"], spec["learning_rate"]
+    started = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    splits = load_data(spec)
+    classes = splits["classes"]
+    model = classifier(spec, len(classes))
+    head_params = count(model.get_layer("logits").weights)
+    y_test = splits["test"][1]
+    record = {
+        "task": spec["task"],
+        "method": method,
+        "budget": spec.get("budget"),
+        "seed": seed,
+        "learning_rate": rate,
+        "variant": spec.get("variant"),
+        "classes": classes,
+        "head_params": head_params,
+        "majority_accuracy": float(np.bincount(y_test).max() / len(y_test)),
+    }
+    timer = step_timer()
+    callbacks = [timer]
+    target = spec.get("target_rank")
+    adalora = spec.get("adalora") or {}
+    if method in ("adalora", "uniform"):
+        init = spec["init_rank"] if method == "adalora" else target
+        keras_adalora.apply_adalora(
+            model,
+            init_rank=init,
+            target="all",
+            orth_reg_weight=adalora.get("orth_reg_weight", 0.1),
+        )
+        set_scale(model, adalora.get("scale", "sqrt"))
+        record["init_rank"] = init
+        if method == "adalora":
+            budget = keras_adalora.RankBudgetCallback(
+                target_rank=target, **spec["schedule"]
+            )
+            callbacks.insert(0, budget)
+    elif method == "lora":
+        rank = spec["lora_rank"]
+        record["lora_rank"] = rank
+        enable_lora(model, rank)
+    elif method == "head":
+        model.backbone.trainable = False
+    record["trainable_params_training"] = count(model.trainable_weights)
+
+    compile_model(model, rate)
+    x_fit, y_fit = splits["fit"]
+    fit_started = time.perf_counter()
+    history = model.fit(
+        _batches(x_fit, y_fit, s["batch_size"], seed),
+        epochs=s["epochs"],
+        verbose=0,
+        callbacks=callbacks,
+    )
+    record["train_seconds"] = time.perf_counter() - fit_started
+    steady = timer.steady()
+    record["median_step_seconds"] = float(np.median(steady)) if steady else None
+    record["steps"] = sum(len(epoch) for epoch in timer.epochs)
+    record["final_train_loss"] = float(history.history["loss"][-1])
+    for split in ("validation", "test") if spec["evaluate_test"] else ("validation",):
+        x, y = splits[split]
+        loss, accuracy = model.evaluate(x, y, batch_size=64, verbose=0)
+        prefix = "val" if split == "validation" else "test"
+        record[f"{prefix}_loss"] = float(loss)
+        record[f"{prefix}_accuracy"] = float(accuracy)
+
+    if method == "adalora":
+        record["rank_pattern"] = keras_adalora.get_rank_pattern(model)
+        record["budget_components"] = budget.target_budget
+        if spec.get("plot"):
+            plot = pathlib.Path(spec["plot"])
+            keras_adalora.plot_rank_allocation(
+                model,
+                plot,
+                title=f"AdaLoRA ranks, {spec['task']}, budget {spec['budget']}, "
+                f"seed {seed} ({keras.backend.backend()}): init "
+                f"{spec['init_rank']}, average {target} after pruning",
+            )
+            record["plot"] = plot.name
+        keras_adalora.compact_adalora(model)
+    if method in ("adalora", "uniform"):
+        table = adapter_table(model)
+        record["adapter_params"] = int(sum(r["params"] for r in table))
+        record["trainable_params_final"] = count(model.trainable_weights)
+    elif method == "lora":
+        record["adapter_params"] = record["trainable_params_training"] - head_params
+        record["trainable_params_final"] = record["trainable_params_training"]
+    else:
+        record["adapter_params"] = 0
+        record["trainable_params_final"] = record["trainable_params_training"]
+    record["worker_seconds"] = time.perf_counter() - started
+    return record
+
+
+def speed(spec):
+    """Step time of AdaLoRA + callback over Keras LoRA at the same initial
+    rank, and inference of the merged AdaLoRA model over the base model,
+    in this one process; the variants alternate round by round."""
+    import keras
+    import numpy as np
+
+    import keras_adalora
+
+    s = spec["settings"]
+    keras.utils.set_random_seed(0)
+    splits = load_data(spec)
+    (x_train, y_train), (x_test, _) = splits["fit"], splits["test"]
+    classes = splits["classes"]
+    steps, rounds, batch = s["speed_steps"], s["speed_rounds"], s["batch_size"]
+    n = steps * batch
+    reps = -(-n // len(y_train))
+    x = {k: np.concatenate([v] * reps)[:n] for k, v in x_train.items()}
+    y = np.concatenate([y_train] * reps)[:n]
+    x_test = {k: v[: s["speed_predict_examples"]] for k, v in x_test.items()}
+    init = spec["init_rank"]
+
+    adalora = classifier(spec, len(classes))
+    keras_adalora.apply_adalora(adalora, init_rank=init, target="all")
+    lora = classifier(spec, len(classes))
+    enable_lora(lora, init)
+    for model in (adalora, lora):
+        compile_model(model, 1e-3)
+    budget = keras_adalora.RankBudgetCallback(
+        target_rank=spec["target_rank"],
+        total_steps=steps * (rounds + 1),
+        **spec["schedule"],
+    )
+    times = {"adalora": [], "lora": []}
+    ratios = []
+    for round_index in range(rounds + 1):
+        medians = {}
+        for name, model in (("adalora", adalora), ("lora", lora)):
+            timer = step_timer()
+            callbacks = [budget, timer] if name == "adalora" else [timer]
+            model.fit(x, y, batch_size=batch, epochs=1, shuffle=False,
+                      verbose=0, callbacks=callbacks)
+            if round_index:  # round 0 compiles
+                times[name].extend(timer.steady())
+                medians[name] = float(np.median(timer.steady()))
+        if round_index:
+            ratios.append(medians["adalora"] / medians["lora"])
+
+    before = adalora.predict(x_test, batch_size=batch, verbose=0)
+    keras_adalora.merge_adalora(adalora)
+    after = adalora.predict(x_test, batch_size=batch, verbose=0)
+    base = classifier(spec, len(classes))
+    infer = {"merged": [], "base": []}
+    ratios_infer = []
+    for round_index in range(3 * rounds + 1):
+        seconds = {}
+        for name, model in (("merged", adalora), ("base", base)):
+            start = time.perf_counter()
+            model.predict(x_test, batch_size=batch, verbose=0)
+            seconds[name] = time.perf_counter() - start
+        if round_index:
+            for name in infer:
+                infer[name].append(seconds[name])
+            ratios_infer.append(seconds["merged"] / seconds["base"])
+    batches = -(-len(next(iter(x_test.values()))) // batch)
+    return {
+        "task": spec["task"],
+        "rank": init,
+        "adalora_step_ms": 1000 * float(np.median(times["adalora"])),
+        "lora_step_ms": 1000 * float(np.median(times["lora"])),
+        "step_ratio": float(np.median(ratios)),
+        "step_ratio_per_round": ratios,
+        "merged_batch_ms": 1000 * float(np.median(infer["merged"])) / batches,
+        "base_batch_ms": 1000 * float(np.median(infer["base"])) / batches,
+        "inference_ratio": float(np.median(ratios_infer)),
+        "inference_ratio_per_round": ratios_infer,
+        "merge_max_logit_change": float(np.max(np.abs(after - before))),
+        "timed_train_steps_per_model": len(times["adalora"]),
+        "predict_examples": int(len(next(iter(x_test.values())))),
+    }
+
+
+def run(spec_path):
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    result = quality(spec) if spec["kind"] == "quality" else speed(spec)
+    pathlib.Path(spec["result"]).write_text(json.dumps(result, indent=1))
