@@ -115,12 +115,6 @@ def load_results(path, settings):
     return old
 
 
-def lora_goal(task_budget_rank, per_rank_adalora):
-    """The adapter size Keras LoRA's rank is matched to: the uniform
-    control's (`target_rank` components on every projection)."""
-    return task_budget_rank * per_rank_adalora
-
-
 # MiniLM: per block four 384 x 384 projections and two 384 x 1536, an
 # AdaLoRA component costing d_in + d_out + 1.
 ADALORA_PARAMS_PER_RANK = 6 * (4 * (384 + 384 + 1) + 2 * (384 + 1536 + 1))
@@ -175,9 +169,9 @@ class Runner:
         if target:
             spec["init_rank"] = init_rank_of(target)
         if method == "lora":
-            # The Keras LoRA rank whose adapter is nearest the uniform
-            # control's size (MiniLM: 111,168 parameters per rank).
-            spec["lora_rank"] = max(1, round(lora_goal(target, ADALORA_PARAMS_PER_RANK) / 111_168))
+            # The worker picks the Keras LoRA rank whose adapter is nearest
+            # the uniform control's size.
+            spec["lora_goal_params"] = target * ADALORA_PARAMS_PER_RANK
         if method == "adalora" and evaluate_test:
             spec["plot"] = str(
                 self.plots_dir / f"ranks_{self.args.backend}_{task}_{budget}_seed{seed}.png"

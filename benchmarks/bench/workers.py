@@ -87,15 +87,16 @@ def set_scale(model, rule):
     so that the records keep their meaning if the library's default moves.
 
     - `"sqrt"`: `alpha = sqrt(d_in * d_out)`, a scale of
-      `sqrt(d_in * d_out) / init_rank` (the library's default to 0.1.0);
+      `sqrt(d_in * d_out) / init_rank` (the library's default before this benchmark);
     - `"rank-free"`: `alpha = init_rank * sqrt(d_in * d_out) / 12`, the
       scale `sqrt(d_in * d_out) / 12` whatever the rank (what `"sqrt"`
-      gives at init_rank 12);
+      gives at init_rank 12; the library's default now);
     - a number: that `alpha` on every layer.
     """
     import math
 
     import keras_adalora
+    from keras_adalora.adapter import REFERENCE_RANK
 
     kinds = (keras_adalora.AdaLoRADense, keras_adalora.AdaLoRAEinsumDense)
     for layer in model._flatten_layers(include_self=False):
@@ -106,7 +107,7 @@ def set_scale(model, rule):
         if rule == "sqrt":
             layer.alpha = root
         elif rule == "rank-free":
-            layer.alpha = layer.init_rank * root / 12.0
+            layer.alpha = layer.init_rank * root / REFERENCE_RANK
         else:
             layer.alpha = float(rule)
 
@@ -217,7 +218,7 @@ def quality(spec):
             )
             callbacks.insert(0, budget)
     elif method == "lora":
-        rank = spec["lora_rank"]
+        rank = max(1, round(spec["lora_goal_params"] / lora_params_per_rank(model)))
         record["lora_rank"] = rank
         enable_lora(model, rank)
     elif method == "head":
