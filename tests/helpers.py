@@ -23,14 +23,16 @@ def mlp(input_dim=16, hidden=32, outputs=3, name="mlp"):
     return keras.Model(inputs, outputs, name=name)
 
 
-def randomize_adapters(model, seed=0):
-    """Gives every adapter non-zero singular values (lam), so that adapted
-    layers compute something different from their base layer."""
+def randomize_adapters(model, seed=0, std=1.0):
+    """Gives every adapter non-zero singular values (lam, normal with
+    standard deviation `std`), so that adapted layers compute something
+    different from their base layer."""
     from keras_adalora.targets import adapted_layers
 
     rng = np.random.default_rng(seed)
     for layer in adapted_layers(model):
-        lam = rng.normal(size=layer.adalora_lam.shape).astype("float32")
+        lam = std * rng.normal(size=layer.adalora_lam.shape)
+        lam = lam.astype("float32")
         layer.adalora_lam.assign(lam)
     return model
 

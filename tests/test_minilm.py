@@ -43,8 +43,13 @@ def test_minilm_adapts_unchanged_and_its_adapter_reloads(preset, tmp_path):
         to_numpy(backbone(x)["sequence_output"]), before, atol=1e-5
     )
 
-    # Trained-looking adapters: non-zero singular values, uneven ranks.
-    randomize_adapters(backbone)
+    # Trained-looking adapters: non-zero singular values, uneven ranks. With
+    # the scale sqrt(d_in * d_out) / 12 (32 to 64 here), lam of 0.2 already
+    # moves every output by whole units; lam of 1 made each delta_W many
+    # times the pretrained kernel, and six such blocks turned the float32
+    # round-off of torch's CPU matmul (which sums in an order set by memory
+    # layout) into differences of 1e-3 between two identical models.
+    randomize_adapters(backbone, std=0.2)
     for i, layer in enumerate(adapted_layers(backbone)):
         mask = np.ones(8, "float32")
         mask[: i % 8] = 0.0
@@ -58,6 +63,7 @@ def test_minilm_adapts_unchanged_and_its_adapter_reloads(preset, tmp_path):
 
     fresh = load_adapter(keras_hub.models.BertBackbone.from_preset(preset), path)
     assert get_rank_pattern(fresh) == pattern
+    # Same weights, same graph: float32 round-off through six blocks only.
     np.testing.assert_allclose(
-        to_numpy(fresh(x)["sequence_output"]), adapted, atol=1e-5
+        to_numpy(fresh(x)["sequence_output"]), adapted, atol=1e-4
     )
