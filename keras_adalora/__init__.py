@@ -8,9 +8,13 @@ from keras_adalora.export import get_rank_pattern
 from keras_adalora.export import merge_adalora
 from keras_adalora.interchange import export_peft
 from keras_adalora.interchange import import_peft
+from keras_adalora.layers import AdaLoRAConv1D
+from keras_adalora.layers import AdaLoRAConv2D
+from keras_adalora.layers import AdaLoRAConv3D
 from keras_adalora.layers import AdaLoRADense
 from keras_adalora.layers import AdaLoRAEinsumDense
 from keras_adalora.layers import AdaLoRAEmbedding
+from keras_adalora.layers import AdaLoRAReversibleEmbedding
 from keras_adalora.optimizer import AdaLoRAOptimizer
 from keras_adalora.plotting import plot_rank_allocation
 from keras_adalora.saving import load_adapter
@@ -20,10 +24,14 @@ from keras_adalora.summary import summary
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRAConv1D",
+    "AdaLoRAConv2D",
+    "AdaLoRAConv3D",
     "AdaLoRADense",
     "AdaLoRAEinsumDense",
     "AdaLoRAEmbedding",
     "AdaLoRAOptimizer",
+    "AdaLoRAReversibleEmbedding",
     "RankAllocator",
     "RankBudgetCallback",
     "apply_adalora",

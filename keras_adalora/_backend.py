@@ -42,11 +42,12 @@ def reset_compiled_state(model, optimizer=None):
             is (`merge_adalora` passes the unwrapped, reset one); `None`
             rebuilds the model's optimizer as described above.
     """
-    if not getattr(model, "compiled", False):
-        return
+    # `predict` traces and keeps its function on an uncompiled model too.
     model.train_function = None
     model.test_function = None
     model.predict_function = None
+    if not getattr(model, "compiled", False):
+        return
     old = getattr(model, "optimizer", None)
     if optimizer is not None:
         _install(model, old, optimizer)

@@ -59,6 +59,15 @@ def kernel_variable(layer):
     return layer._kernel
 
 
+def set_keras_mask(tensor, mask):
+    """Attaches a padding mask to a layer's output from inside `call`, as
+    Keras's `ReversibleEmbedding` does for its lookups (its `compute_mask`
+    returns None so that reverse projections carry none); no public API."""
+    from keras.src.backend import set_keras_mask as set_mask
+
+    set_mask(tensor, mask)
+
+
 class unlocked_tracker:
     """Context: lets a built layer gain or lose variables and sublayers.
     Keras locks a layer's tracker after `build`; `enable_lora` unlocks it

@@ -100,12 +100,16 @@ class AdaLoRAAdapter:
     - `_base_kernel_variable()`: the frozen kernel (or embedding table);
     - `_base_named_weights(layer)` (a static method, also asked of the plain
       layer): `(name, variable or None)` pairs of the frozen weights, in the
-      order the plain Keras layer saves them;
+      order the plain Keras layer saves them (`AdaptedLayerMixin` gives
+      both for a layer with a `kernel` and a `bias`, and `build`);
     - `_adapter_matrix_shape()`: `(d_in, d_out)` of the kernel as a matrix;
     - `_kernel_from_matrix(matrix)`: reshape a `(d_in, d_out)` matrix into
       the kernel's own shape;
     - `_adapter_project_in(inputs, a)`: the inputs times `A`, shape `(..., r)`;
     - `_adapter_project_out(h, b)`: `h` times `B`, in the layer's output shape.
+
+    and, where its kernel is not a 2-D `(d_in, d_out)` matrix,
+    `_kernel_matrix_axes()`.
     """
 
     # Configuration ---------------------------------------------------------
@@ -284,6 +288,12 @@ class AdaLoRAAdapter:
         """`(alpha / init_rank) * lam * rank_mask`: one factor per component."""
         return self.scale * (self.adalora_lam * self.rank_mask)
 
+    def _scale_components(self, h):
+        """`h` (the inputs times `A`, components on the last axis) times
+        each component's factor; a layer kind whose `h` repeats the
+        components (grouped convolutions) overrides it."""
+        return h * self._component_scale()
+
     def adapter_output(self, inputs, training=None):
         """The adapter's term of the layer output, in the compute dtype.
 
@@ -295,7 +305,7 @@ class AdaLoRAAdapter:
         if self.adapter_dropout is not None:
             x = self.adapter_dropout(x, training=training)
         h = self._adapter_project_in(x, self.adalora_a)
-        h = h * self._component_scale()
+        h = self._scale_components(h)
         out = self._adapter_project_out(h, self.adalora_b)
         if training and self.orth_reg_weight > 0:
             self.add_loss(
@@ -426,6 +436,21 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
 
     def get_config(self):
         return {**super().get_config(), **self._adapter_config()}
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        super().build(input_shape)
+        self._freeze_base_weights()
+        self._build_adapter()
+
+    def _base_kernel_variable(self):
+        return _keras.kernel_variable(self)
+
+    @staticmethod
+    def _base_named_weights(layer):
+        # A kernel and a bias (None without one); `Embedding` overrides it.
+        return (("kernel", _keras.kernel_variable(layer)), ("bias", layer.bias))
 
     def _effective_kernel(self):
         """`W + delta_W` in the compute dtype, for the plain layer's

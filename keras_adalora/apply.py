@@ -60,17 +60,23 @@ def apply_adalora(
             `EinsumDense` whose kernel can hold `init_rank` components (a
             layer smaller than that, such as a head with few classes, is
             not adapted; with `keep_trainable=None` it trains fully, which
-            costs fewer parameters than a full-rank adapter). `"attention"`: the query, key, value and output
-            projections of every attention layer; `"ffn"`: the feed-forward
-            projections of every transformer block; `"all"`: both (these
-            names find the layers from the model's structure, so they work
-            on any KerasHub transformer). A regular expression or a list of
-            them (named sets may be mixed in): the `Dense`, `EinsumDense`
-            and `Embedding` layers whose `layer.path` contains a match
+            costs fewer parameters than a full-rank adapter).
+            `"attention"`: the query, key, value and output projections of
+            every attention layer; `"ffn"`: the feed-forward projections of
+            every transformer block; `"all"`: both; `"embeddings"`: the
+            token embeddings (a KerasHub backbone's `token_embedding`, tied
+            to the logits or not; in a model without one, every
+            `Embedding`). These names find the layers from the model's
+            structure, so they work on any KerasHub transformer, and mix:
+            `target=["all", "embeddings"]` shares one budget between all
+            three. A regular expression or a list of them (named sets may
+            be mixed in): the layers of an adaptable kind (`Dense`,
+            `EinsumDense`, `Embedding`, `ReversibleEmbedding`, `Conv1D`,
+            `Conv2D`, `Conv3D`) whose `layer.path` contains a match
             (`re.search`), so KerasHub's `enable_lora` names work too:
             `target=backbone.default_lora_layer_names()`. A callable
-            `layer -> bool`: the `Dense`, `EinsumDense` and `Embedding`
-            layers it accepts (it is only called on those).
+            `layer -> bool`: the layers of an adaptable kind it accepts (it
+            is only called on those).
         orth_reg_weight: weight of the orthogonality penalty each adapted
             layer adds to the model's losses during training; `0` disables it.
         dropout: dropout rate on the adapters' inputs (not applied to

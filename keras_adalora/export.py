@@ -119,5 +119,7 @@ def merge_adalora(model):
     optimizer = getattr(model, "optimizer", None)
     if getattr(model, "compiled", False) and optimizer is not None:
         reset_compiled_state(model, optimizer=unwrapped_optimizer(optimizer))
+    else:
+        reset_compiled_state(model)  # a traced `predict` of the adapters
     mark_merged(model)
     return model

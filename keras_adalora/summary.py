@@ -4,7 +4,11 @@ import math
 import re
 
 from keras_adalora.targets import layer_path
+from keras_adalora.targets import layer_roles
 from keras_adalora.targets import require_adapted_layers
+
+# Roles in the order `summary` reports them.
+_ROLES = ("embeddings", "attention", "ffn")
 
 # The projections of a transformer block in the order data flows through
 # them (query, key, value, attention output, then the feed-forward layers):
@@ -88,8 +92,6 @@ def block_grid(paths):
     return blocks, labels, cells, others
 
 
-
-
 def adapter_table(model, caller="summary"):
     """One record per adapted layer of `model`.
 
@@ -101,10 +103,13 @@ def adapter_table(model, caller="summary"):
     `Dense`, `EinsumDense` or `Embedding`), `shape` (`(d_in, d_out)`, the
     kernel read as a matrix), `init_rank`, `stored_rank` (components the
     adapter holds: `init_rank`, or fewer once compacted), `active_rank`,
-    and `params` (parameters of the alive components: `active_rank *
-    (d_in + d_out + 1)`, what a compacted adapter stores).
+    `params` (parameters of the alive components: `active_rank *
+    (d_in + d_out + 1)`, what a compacted adapter stores) and `role` (the
+    named target the layer belongs to: `"embeddings"`, `"attention"`,
+    `"ffn"`, or None).
     """
     records = []
+    roles = layer_roles(model)
     for layer in require_adapted_layers(model, caller):
         d_in, d_out = layer._adapter_matrix_shape()
         active = layer.active_rank
@@ -117,6 +122,7 @@ def adapter_table(model, caller="summary"):
                 "stored_rank": layer.adapter_rank,
                 "active_rank": active,
                 "params": active * (d_in + d_out + 1),
+                "role": roles.get(id(layer)),
             }
         )
     grid = block_grid([r["path"] for r in records])
@@ -155,7 +161,10 @@ def summary(model, budget=None, print_fn=None):
     initial rank, active rank (alive components) and the parameters of its
     alive components (`active_rank * (d_in + d_out + 1)`, what the layer
     holds after `compact_adalora`). The totals compare the alive components
-    with `budget` and count the model's trainable and frozen parameters.
+    with `budget` and count the model's trainable and frozen parameters; a
+    last line splits the rank between token embeddings, attention and
+    feed-forward layers when the model has them (see `apply_adalora`'s
+    named targets).
 
     Args:
         model: a model adapted with `apply_adalora`.
@@ -252,6 +261,16 @@ def summary(model, budget=None, print_fn=None):
         f"Parameters: {trainable:,} trainable (the adapters store "
         f"{stored:,}), {frozen:,} frozen."
     )
+    by_role = [(role, [r for r in records if r["role"] == role]) for role in _ROLES]
+    by_role = [(role, rs) for role, rs in by_role if rs]
+    if by_role:
+        shares = ", ".join(
+            f"{role} {sum(r['active_rank'] for r in rs)} of "
+            f"{sum(r['init_rank'] for r in rs)} ({len(rs)} "
+            f"{'layer' if len(rs) == 1 else 'layers'})"
+            for role, rs in by_role
+        )
+        print_fn(f"Rank by role: {shares}.")
 
 
 def _count(weights):

@@ -7,16 +7,10 @@ import keras
 
 from keras_adalora import _keras
 from keras_adalora.adapter import AdaLoRAAdapter
-from keras_adalora.layers import AdaLoRADense
-from keras_adalora.layers import AdaLoRAEinsumDense
-from keras_adalora.layers import AdaLoRAEmbedding
+from keras_adalora.layers import ADAPTED_CLASSES
 
 # The adapted class for each plain Keras layer class.
-ADAPTER_FOR = {
-    keras.layers.Dense: AdaLoRADense,
-    keras.layers.EinsumDense: AdaLoRAEinsumDense,
-    keras.layers.Embedding: AdaLoRAEmbedding,
-}
+ADAPTER_FOR = {cls.wrapped_class: cls for cls in ADAPTED_CLASSES}
 # What `target=None` adapts (SPEC.md section 6).
 DEFAULT_KINDS = (keras.layers.Dense, keras.layers.EinsumDense)
 # Names `target` understands besides regular expressions (see
@@ -28,6 +22,8 @@ NAMED_TARGETS = {
     "ffn": "the feed-forward projections of transformer blocks (the Dense "
     "and EinsumDense layers beside an attention layer)",
     "all": "'attention' and 'ffn' together",
+    "embeddings": "the token embeddings (a KerasHub backbone's "
+    "`token_embedding`; in a model without one, every Embedding layer)",
 }
 
 
@@ -112,6 +108,34 @@ def projection_roles(model):
     return roles
 
 
+def token_embeddings(model):
+    """The token embedding layers of `model`: what KerasHub backbones hold
+    as `token_embedding` (a `ReversibleEmbedding`, tied or not to the
+    logits), or, in a model with none, every `Embedding` layer (a
+    `ReversibleEmbedding` included). Position embeddings are not included."""
+    layers = _keras.sublayers(model, include_self=True)
+    held = []
+    for layer in layers:
+        embedding = getattr(layer, "token_embedding", None)
+        if isinstance(embedding, keras.layers.Embedding) and all(
+            embedding is not other for other in held
+        ):
+            held.append(embedding)
+    if held:
+        return held
+    return [layer for layer in layers if isinstance(layer, keras.layers.Embedding)]
+
+
+def layer_roles(model):
+    """`{id(layer): "embeddings" | "attention" | "ffn"}`: the named target
+    each layer of `model` belongs to (`token_embeddings` and
+    `projection_roles`)."""
+    roles = projection_roles(model)
+    for layer in token_embeddings(model):
+        roles[id(layer)] = "embeddings"
+    return roles
+
+
 def _as_predicate(spec, argument, model=None):
     """A `layer -> bool` from a regex, a named target, a list of those, or a
     callable."""
@@ -141,9 +165,7 @@ def _as_predicate(spec, argument, model=None):
         for name in named:
             wanted.update(("attention", "ffn") if name == "all" else (name,))
         roles = {
-            key: role
-            for key, role in projection_roles(model).items()
-            if role in wanted
+            key: role for key, role in layer_roles(model).items() if role in wanted
         }
     return lambda layer: id(layer) in roles or any(
         p.search(layer_path(layer)) for p in patterns

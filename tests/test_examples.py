@@ -17,6 +17,7 @@ SCRIPTS = {
         ["rank_allocation.png", "minilm_spam.adalora.h5", "merged.keras"],
     ),
     "digits_mlp.py": (["sklearn"], ["merged.keras"]),
+    "digits_cnn.py": (["sklearn"], ["merged.keras", "digits_cnn.adalora.h5"]),
     "custom_loop.py": (["sklearn"], []),
 }
 

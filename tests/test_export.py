@@ -108,6 +108,27 @@ def test_merge_gives_plain_layers_with_the_same_outputs():
         merge_adalora(model)
 
 
+def test_predict_before_compacting_or_merging_an_uncompiled_model_is_not_reused():
+    """`predict` traces (and keeps) its function without `compile`; on
+    TensorFlow a kept one computed the adapters that merging removed."""
+    model = pruned_model()
+    x = inputs()
+    adapted = to_numpy(model.predict(x, verbose=0))
+    compact_adalora(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), adapted, atol=1e-5)
+    merge_adalora(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), adapted, atol=1e-5)
+    # And adapting a plain model that has predicted: its adapters count.
+    model = mlp()
+    model.predict(x[1], verbose=0)
+    apply_adalora(model, init_rank=2)
+    for layer in adapted_layers(model):
+        layer.adalora_lam.assign(np.ones(2, "float32"))
+    np.testing.assert_allclose(
+        model.predict(x[1], verbose=0), to_numpy(model(x[1])), atol=1e-5
+    )
+
+
 def test_merged_model_loads_without_keras_adalora(tmp_path):
     model = merge_adalora(pruned_model())
     model.save(tmp_path / "merged.keras")

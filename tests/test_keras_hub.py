@@ -11,6 +11,7 @@ from helpers import to_numpy
 import keras_adalora
 from keras_adalora import RankBudgetCallback
 from keras_adalora import apply_adalora
+from keras_adalora import compact_adalora
 from keras_adalora import get_rank_pattern
 from keras_adalora import load_adapter
 from keras_adalora import merge_adalora
@@ -24,6 +25,7 @@ from hub_models import FAMILIES  # noqa: E402
 from hub_models import LENGTH  # noqa: E402
 from hub_models import batch  # noqa: E402
 from hub_models import bert  # noqa: E402
+
 
 def base_weights(model):
     return [np.array(to_numpy(w)) for w in model.weights]
@@ -150,9 +152,15 @@ def test_bert_summary_and_heatmap(tmp_path):
         "feedforward_output_dense",
     ]
     alive = sum(get_rank_pattern(model).values())
-    assert lines[-3].split()[-2] == str(alive)
+    total = next(line for line in lines if line.startswith("Total"))
+    assert total.split()[-2] == str(alive)
     verdict = "reached" if alive == 12 else "above"
-    assert verdict in lines[-2]
+    assert verdict in next(line for line in lines if line.startswith("Budget"))
+    attention = sum(r for p, r in get_rank_pattern(model).items() if "attention" in p)
+    assert lines[-1] == (
+        f"Rank by role: attention {attention} of 32 (8 layers), "
+        f"ffn {alive - attention} of 16 (4 layers)."
+    )
 
     figure = keras_adalora.plot_rank_allocation(model, tmp_path / "ranks.png")
     assert (tmp_path / "ranks.png").stat().st_size > 0
@@ -189,3 +197,98 @@ def test_a_head_holding_the_token_embedding_leaves_it_frozen():
         "mlm_head/intermediate_layer_norm/gamma",
         "mlm_head/intermediate_layer_norm/beta",
     }
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "llama"])
+def test_token_embeddings_share_the_budget_through_fit_files_and_merge(
+    family, tmp_path
+):
+    """`target=["all", "embeddings"]` adapts the token embedding of a causal
+    LM (tied to the logits in GPT-2 and Gemma, untied in Llama) beside the
+    projections, and one budget is shared between them."""
+    model = FAMILIES[family][0]()
+    x, y, sample_weight = batch(family)
+    prompt = {
+        "token_ids": np.array([[3, 4, 5, 0, 0, 0, 0, 0]] * 2, "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]] * 2, bool),
+    }
+    model.compile(sampler="greedy")
+    before = to_numpy(model.predict(x, verbose=0))
+    before_tokens = model.generate(prompt, stop_token_ids=None)["token_ids"]
+    weights = base_weights(model)
+    table = to_numpy(model.backbone.token_embedding.embeddings).copy()
+    tied = model.backbone.token_embedding.tie_weights
+    assert tied == (family != "llama")
+
+    apply_adalora(model, init_rank=4, target=["all", "embeddings"])
+    embedding = model.backbone.token_embedding
+    assert type(embedding).__name__ == "AdaLoRAReversibleEmbedding"
+    assert "token_embedding" in get_rank_pattern(model)
+    np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), before, atol=1e-5)
+    np.testing.assert_array_equal(
+        model.generate(prompt, stop_token_ids=None)["token_ids"], before_tokens
+    )
+    frozen = {v.path for v in model.weights if "token_embedding" in v.path} - {
+        v.path for v in model.trainable_weights
+    }
+    assert frozen == {"token_embedding/embeddings", "token_embedding/rank_mask"} | (
+        set() if tied else {"token_embedding/reverse_embeddings"}
+    )
+
+    callback = RankBudgetCallback(target_rank=1, tinit=2, tfinal=8, delta_t=2)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+        sampler="greedy",
+    )
+    model.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=4,
+        epochs=3,
+        callbacks=[callback],
+        verbose=0,
+    )
+    layers = adapted_layers(model)
+    assert (
+        sum(get_rank_pattern(model).values()) == callback.target_budget == len(layers)
+    )
+    lines = []
+    keras_adalora.summary(model, print_fn=lines.append)
+    assert lines[-1].startswith("Rank by role: embeddings ")
+    trained = to_numpy(model.predict(x, verbose=0))
+    assert not np.allclose(trained, before, atol=1e-4)
+    # The pretrained table never moved.
+    np.testing.assert_array_equal(to_numpy(embedding._embeddings), table)
+
+    # The adapter file onto a fresh base, and the .keras round trip.
+    save_adapter(model, tmp_path / "lm.adalora.h5")
+    restored = load_adapter(fresh_copy(family, weights), tmp_path / "lm.adalora.h5")
+    assert get_rank_pattern(restored) == get_rank_pattern(model)
+    np.testing.assert_allclose(
+        to_numpy(restored.predict(x, verbose=0)), trained, atol=1e-5
+    )
+    model.save(tmp_path / "lm.keras")
+    reloaded = keras.saving.load_model(tmp_path / "lm.keras")
+    assert (
+        type(reloaded.backbone.token_embedding).__name__ == "AdaLoRAReversibleEmbedding"
+    )
+    np.testing.assert_allclose(
+        to_numpy(reloaded.predict(x, verbose=0)), trained, atol=1e-5
+    )
+
+    adapted_tokens = model.generate(prompt, stop_token_ids=None)["token_ids"]
+    compact_adalora(model)
+    assert embedding.adapter_rank == embedding.active_rank
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), trained, atol=1e-5
+    )
+    merge_adalora(model)
+    assert type(model.backbone.token_embedding) is keras.layers.ReversibleEmbedding
+    np.testing.assert_allclose(
+        to_numpy(model.predict(x, verbose=0)), trained, atol=1e-4
+    )
+    merged_tokens = model.generate(prompt, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(merged_tokens[:, :3], adapted_tokens[:, :3])

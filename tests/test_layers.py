@@ -10,6 +10,7 @@ from keras_adalora import AdaLoRAEinsumDense
 from keras_adalora import AdaLoRAEmbedding
 from keras_adalora.layers.einsum_dense import EinsumMatrixView
 from keras_adalora.regularizers import orthogonality_penalty
+from keras_adalora.targets import ADAPTER_FOR
 
 RNG = np.random.default_rng(0)
 
@@ -45,11 +46,26 @@ CASES = {
         lambda: keras.layers.Embedding(50, 12),
         RNG.integers(0, 50, size=(3, 7)),
     ),
-}
-ADAPTED = {
-    keras.layers.Dense: AdaLoRADense,
-    keras.layers.EinsumDense: AdaLoRAEinsumDense,
-    keras.layers.Embedding: AdaLoRAEmbedding,
+    "conv1d_causal": (
+        lambda: keras.layers.Conv1D(6, 3, padding="causal", dilation_rate=2),
+        RNG.normal(size=(2, 9, 4)),
+    ),
+    "conv2d": (
+        lambda: keras.layers.Conv2D(6, 3, strides=2, padding="same"),
+        RNG.normal(size=(2, 7, 7, 4)),
+    ),
+    "conv2d_grouped": (
+        lambda: keras.layers.Conv2D(6, (3, 2), groups=2, dilation_rate=2),
+        RNG.normal(size=(2, 8, 8, 4)),
+    ),
+    "conv2d_channels_first": (
+        lambda: keras.layers.Conv2D(6, 2, data_format="channels_first"),
+        RNG.normal(size=(2, 4, 6, 6)),
+    ),
+    "conv3d": (
+        lambda: keras.layers.Conv3D(4, 2, strides=(1, 2, 1), groups=2),
+        RNG.normal(size=(1, 4, 5, 4, 6)),
+    ),
 }
 
 
@@ -58,7 +74,7 @@ def built_pair(case, init_rank=3):
     x = x.astype("float32") if x.dtype.kind == "f" else x.astype("int32")
     base = factory()
     base(x)
-    adapted = ADAPTED[type(base)].from_layer(base, init_rank=init_rank)
+    adapted = ADAPTER_FOR[type(base)].from_layer(base, init_rank=init_rank)
     return base, adapted, x
 
 
@@ -66,6 +82,18 @@ def plain_call(layer, kernel, x):
     """The plain Keras computation with an explicit kernel."""
     if isinstance(layer, keras.layers.Embedding):
         return to_numpy(kernel)[x]
+    if isinstance(
+        layer, keras.layers.Conv1D | keras.layers.Conv2D | keras.layers.Conv3D
+    ):
+        # Keras's own layer with the same configuration, holding `kernel`.
+        config = layer.get_config()
+        for key in layer._adapter_config():
+            config.pop(key)
+        plain = layer.wrapped_class.from_config(config)
+        plain.build(x.shape)
+        plain.kernel.assign(kernel)
+        plain.bias.assign(layer.bias)
+        return to_numpy(plain(x))
     if isinstance(layer, keras.layers.EinsumDense):
         y = np.einsum(layer.equation, x, to_numpy(kernel))
     else:
@@ -197,7 +225,9 @@ def test_penalty_is_added_to_losses_in_training_only():
     assert silent.losses == []
 
 
-@pytest.mark.parametrize("case", ["dense", "einsum_output", "embedding"])
+@pytest.mark.parametrize(
+    "case", ["dense", "einsum_output", "embedding", "conv1d_causal", "conv2d_grouped"]
+)
 def test_config_round_trip_rebuilds_the_same_layer(case):
     _, adapted, x = built_pair(case)
     config = adapted.get_config()
@@ -275,3 +305,23 @@ def test_default_scale_is_sqrt_d_in_d_out_over_12_whatever_the_rank(init_rank):
     rebuilt = AdaLoRADense.from_config(adapted.get_config())
     rebuilt.build((None, 27))
     assert rebuilt.scale == pytest.approx(adapted.scale)
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_reversible_embedding_logits_use_the_adapted_table_when_tied(tie_weights):
+    base = keras.layers.ReversibleEmbedding(30, 8, tie_weights=tie_weights, logit_soft_cap=5.0)
+    ids = RNG.integers(0, 30, size=(2, 4)).astype("int32")
+    hidden = RNG.normal(size=(2, 4, 8)).astype("float32")
+    base(ids)
+    before = to_numpy(base(hidden, reverse=True))
+    adapted = ADAPTER_FOR[type(base)].from_layer(base, init_rank=3)
+    np.testing.assert_allclose(to_numpy(adapted(hidden, reverse=True)), before, atol=1e-6)
+    adapted.adalora_lam.assign(RNG.normal(size=(3,)).astype("float32"))
+    table = to_numpy(adapted.merged_kernel())
+    np.testing.assert_allclose(to_numpy(adapted(ids)), table[ids], atol=1e-5)
+    reverse = table.T if tie_weights else to_numpy(adapted.reverse_embeddings)
+    expected = 5.0 * np.tanh(hidden @ reverse / 5.0)
+    np.testing.assert_allclose(to_numpy(adapted(hidden, reverse=True)), expected, atol=1e-5)
+    if not tie_weights:
+        # The separate output projection is frozen, as merging leaves it.
+        assert not adapted.reverse_embeddings.trainable

@@ -70,18 +70,6 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
             init_rank, alpha, dropout, orth_reg_weight, adapter_rank
         )
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._freeze_base_weights()
-        self._build_adapter()
-
-    def _base_kernel_variable(self):
-        return _keras.kernel_variable(self)
-
-    @staticmethod
-    def _base_named_weights(layer):
-        return (("kernel", _keras.kernel_variable(layer)), ("bias", layer.bias))
-
     def _adapter_matrix_shape(self):
         return tuple(_keras.kernel_variable(self).shape)
 

@@ -166,22 +166,10 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
             init_rank, alpha, dropout, orth_reg_weight, adapter_rank
         )
 
-    def build(self, input_shape):
-        super().build(input_shape)
-        self._freeze_base_weights()
-        self._build_adapter()
-
     @property
     def matrix_view(self):
         """The `EinsumMatrixView` of this layer's kernel."""
         return _matrix_view(self.equation, tuple(_keras.kernel_variable(self).shape))
-
-    def _base_kernel_variable(self):
-        return _keras.kernel_variable(self)
-
-    @staticmethod
-    def _base_named_weights(layer):
-        return (("kernel", _keras.kernel_variable(layer)), ("bias", layer.bias))
 
     def _adapter_matrix_shape(self):
         # Also called on a plain EinsumDense by `check_wrappable`.

@@ -60,16 +60,6 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
             init_rank, alpha, dropout, orth_reg_weight, adapter_rank
         )
 
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        super().build(input_shape)
-        self._freeze_base_weights()
-        self._build_adapter()
-
-    def _base_kernel_variable(self):
-        return _keras.kernel_variable(self)
-
     @staticmethod
     def _base_named_weights(layer):
         return (("embeddings", _keras.kernel_variable(layer)),)

@@ -1,0 +1,100 @@
+"""`AdaLoRAReversibleEmbedding`: a token embedding that is also the output
+projection (KerasHub causal LMs), with a frozen table and an AdaLoRA
+adapter."""
+
+import keras
+from keras import ops
+
+from keras_adalora import _keras
+from keras_adalora.layers.embedding import AdaLoRAEmbedding
+
+
+@keras.saving.register_keras_serializable(package="keras_adalora")
+class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedding):
+    """A `ReversibleEmbedding` with a frozen table and an AdaLoRA adapter.
+
+    KerasHub's GPT-2, Gemma, Llama and other causal LMs keep their token
+    embeddings in a `ReversibleEmbedding`: called on token ids it looks rows
+    up; called with `reverse=True` on hidden states it projects them onto
+    the vocabulary (the logits). The adapter
+    `delta_E = (alpha / init_rank) * A @ diag(lam * rank_mask) @ B` acts on
+    the table `E (input_dim, output_dim)`:
+
+    - lookups add the rows of `delta_E`, as `AdaLoRAEmbedding` does;
+    - with `tie_weights=True` (one table both ways) the logits use
+      `E + delta_E` too: `h @ E^T + ((h @ B^T) * c) @ A^T`, never forming
+      `delta_E`, so the adapted layer computes what its merged table does;
+    - with `tie_weights=False` the reverse projection is its own frozen
+      matrix (`reverse_embeddings`), which the adapter leaves alone, as
+      merging does.
+
+    `reverse_dtype` and `logit_soft_cap` act as in the Keras layer.
+
+    Args:
+        input_dim: Size of the vocabulary.
+        output_dim: Dimension of the embedding.
+        init_rank: Number of rank-1 components the adapter starts with; at
+            most `min(input_dim, output_dim)`.
+        alpha: Scale numerator; the adapter is multiplied by
+            `alpha / init_rank`. Defaults to
+            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
+            table's shape (set when the layer is built): a scale of
+            `sqrt(d_in * d_out) / 12` whatever `init_rank`.
+        dropout: Must be `0`: lookups take token ids, which dropout does
+            not apply to.
+        orth_reg_weight: Weight of the orthogonality penalty added to the
+            model's losses during training; `0` disables it.
+        adapter_rank: Number of components stored (set by deserialization
+            after `compact_adalora`).
+        **kwargs: Every other `keras.layers.ReversibleEmbedding` argument
+            (`tie_weights`, `reverse_dtype`, `logit_soft_cap`, ...).
+
+    Example:
+
+    >>> layer = AdaLoRAReversibleEmbedding(100, 16, init_rank=4)
+    >>> hidden = layer(np.array([[1, 2, 3]]))
+    >>> tuple(layer(hidden, reverse=True).shape)
+    (1, 3, 100)
+    """
+
+    wrapped_class = keras.layers.ReversibleEmbedding
+
+    @staticmethod
+    def _base_named_weights(layer):
+        named = [("embeddings", _keras.kernel_variable(layer))]
+        if not layer.tie_weights:
+            named.append(("reverse_embeddings", layer.reverse_embeddings))
+        return tuple(named)
+
+    def call(self, inputs, reverse=False, training=None):
+        if not reverse:
+            outputs = super().call(inputs, training=training)
+            mask = keras.layers.Embedding.compute_mask(self, inputs)
+            if mask is not None:
+                _keras.set_keras_mask(outputs, mask)
+            return outputs
+        if self.tie_weights:
+            logits = self._tied_logits(inputs)
+        else:
+            kernel = self.reverse_embeddings
+            if self.reverse_dtype is not None:
+                inputs = ops.cast(inputs, self.reverse_dtype)
+                kernel = ops.cast(kernel, self.reverse_dtype)
+            logits = ops.matmul(inputs, kernel)
+        if self.logit_soft_cap is not None:
+            cap = self.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def _tied_logits(self, inputs):
+        """`inputs @ (E + delta_E)^T`, with `delta_E` kept factored."""
+        table = _keras.kernel_variable(self)
+        h = ops.cast(inputs, "float32")
+        h = ops.matmul(h, ops.transpose(self.adalora_b))
+        h = self._scale_components(h)
+        delta = ops.matmul(h, ops.transpose(self.adalora_a))
+        dtype = self.reverse_dtype or self.compute_dtype
+        base = ops.matmul(
+            ops.cast(inputs, dtype), ops.cast(ops.transpose(table), dtype)
+        )
+        return ops.add(base, ops.cast(delta, dtype))
