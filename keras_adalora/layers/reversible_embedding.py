@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_adalora import _keras
+from keras_adalora.adapter import ADAPTER_DTYPE
 from keras_adalora.layers.embedding import AdaLoRAEmbedding
 
 
@@ -89,7 +90,7 @@ class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedd
     def _tied_logits(self, inputs):
         """`inputs @ (E + delta_E)^T`, with `delta_E` kept factored."""
         table = _keras.kernel_variable(self)
-        h = ops.cast(inputs, "float32")
+        h = ops.cast(inputs, ADAPTER_DTYPE)
         h = ops.matmul(h, ops.transpose(self.adalora_b))
         h = self._scale_components(h)
         delta = ops.matmul(h, ops.transpose(self.adalora_a))
