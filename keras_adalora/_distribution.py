@@ -185,7 +185,9 @@ def shard_adapter_like_kernel(layer):
     if keras.backend.backend() != "jax":
         return
     distribution = keras.distribution.distribution()
-    if distribution is None:
+    if distribution is None or layer.quantization_mode == "int4":
+        # An int4 kernel is stored packed, in a shape whose axes are not
+        # the float kernel's: its layout says nothing about the adapter's.
         return
     kernel_layout = variable_layout(layer._base_kernel_variable())
     if kernel_layout is None or not is_sharded(layer._base_kernel_variable()):

@@ -20,6 +20,7 @@ from keras import ops
 
 from keras_adalora import _distribution
 from keras_adalora import _keras
+from keras_adalora import quantization
 from keras_adalora._validation import check_int
 from keras_adalora.regularizers import orthogonality_penalty
 
@@ -325,10 +326,12 @@ class AdaLoRAAdapter:
         return self._kernel_from_matrix(self.delta_matrix())
 
     def merged_kernel(self):
-        """The frozen kernel plus `delta_W`, in the kernel's storage dtype."""
-        base = self._base_kernel_variable()
-        merged = ops.add(ops.cast(base, ADAPTER_DTYPE), self.delta_kernel())
-        return ops.cast(merged, base.dtype)
+        """The frozen kernel plus `delta_W`, in the kernel's storage dtype
+        (float32 for a quantized kernel, dequantized first)."""
+        merged = ops.add(quantization.float_kernel(self), self.delta_kernel())
+        if self.quantization_mode is not None:
+            return merged
+        return ops.cast(merged, self._base_kernel_variable().dtype)
 
     @property
     def active_rank(self):
@@ -449,8 +452,24 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
 
     @staticmethod
     def _base_named_weights(layer):
-        # A kernel and a bias (None without one); `Embedding` overrides it.
-        return (("kernel", _keras.kernel_variable(layer)), ("bias", layer.bias))
+        # A kernel and a bias (None without one), then a quantized kernel's
+        # scales; `Embedding` overrides it.
+        return (
+            ("kernel", _keras.kernel_variable(layer)),
+            ("bias", layer.bias),
+        ) + quantization.quantized_weights(layer)
+
+    def quantized_call(self, *args, **kwargs):
+        # Keras runs this instead of `call` on a quantized layer; `call`
+        # reaches Keras's quantized pass through `_frozen_output`.
+        return self.call(*args, **kwargs)
+
+    def _frozen_output(self, inputs, training=None):
+        """`inputs @ W` with the frozen kernel (Keras's own quantized pass
+        for a quantized one), before bias and activation."""
+        if self.quantization_mode is not None:
+            return quantization.frozen_output(self, inputs, training=training)
+        return self._float_output(inputs)
 
     def _effective_kernel(self):
         """`W + delta_W` in the compute dtype, for the plain layer's
@@ -493,13 +512,7 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 "yet. Build the model first (call it on a batch, or "
                 "`model.build(input_shape)`), then adapt it."
             )
-        if layer.quantization_mode is not None:
-            raise ValueError(
-                f"Layer '{name}' is quantized (quantization_mode="
-                f"'{layer.quantization_mode}'); AdaLoRA adapts float kernels "
-                "only. Adapt the float model, or leave this layer out of "
-                "`target`."
-            )
+        quantization.check_mode(layer, name)
         if getattr(layer, "lora_enabled", False):
             raise ValueError(
                 f"Layer '{name}' has Keras's built-in LoRA enabled (lora_rank="
@@ -567,22 +580,47 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 target.assign(source)
         return new
 
-    def revert_in_place(self):
+    def revert_in_place(self, report=None):
         """Turns this layer back into its plain Keras class, holding the
         merged kernel `W + delta_W` (what `merge_adalora` does per layer).
 
         The kernel and bias become ordinary trainable weights again, as in a
-        freshly built plain layer.
+        freshly built plain layer. A quantized layer stays quantized in its
+        mode: `W + delta_W` is re-quantized as `model.quantize` quantizes a
+        float layer, and only its bias is trainable (as Keras has it).
+
+        Args:
+            report: optional dict; a quantized layer adds to it its path and
+                the re-quantization error relative to `||delta_W||`
+                (`quantization.requantize`).
         """
         merged = self.merged_kernel()
+        named = self._base_named_weights(self)
+        if self.quantization_mode is None:
+            values = {named[0][0]: merged}  # the kernel (or table) first
+        else:
+            # Re-quantized as `model.quantize` would the merged float layer.
+            values, error = quantization.requantize(self, merged)
+            if report is not None:
+                report[self.path or self.name] = error
         with _keras.unlocked_tracker(self):
             for variable in self._adapter_variables().values():
                 _keras.untrack_variable(self, variable)
             if self.adapter_dropout is not None:
                 _keras.untrack_layer(self, self.adapter_dropout)
-            self._base_kernel_variable().assign(merged)
-            for variable in self._base_weights():
-                _keras.refile_variable(self, variable, trainable=True)
+            for name, variable in named:
+                if values.get(name) is not None:
+                    variable.assign(ops.convert_to_tensor(values[name]))
+            # Trainable as in a plain layer: a quantized kernel and its
+            # scales never are, its bias is.
+            for name, variable in named:
+                if variable is not None:
+                    _keras.refile_variable(
+                        self,
+                        variable,
+                        trainable=self.quantization_mode is None
+                        or name == "bias",
+                    )
             for attribute in _ADAPTER_ATTRIBUTES:
                 # Skips Keras's `Layer.__delattr__` (a `gc.collect()` per
                 # variable) but keeps the backend's own attribute bookkeeping.

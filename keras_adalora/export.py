@@ -1,5 +1,7 @@
 """Read, shrink and fold the adapters of an adapted model."""
 
+import warnings
+
 from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
@@ -9,6 +11,22 @@ from keras_adalora.targets import mark_merged
 from keras_adalora.targets import adapted_layers
 from keras_adalora.targets import require_adapted_layers
 from keras_adalora.targets import layer_path
+
+
+def _warn_requantization(report):
+    worst = max(report, key=report.get)
+    errors = sorted(report.values())
+    median = errors[len(errors) // 2]
+    warnings.warn(
+        f"merge_adalora re-quantized {len(report)} quantized layer(s) "
+        "holding W + delta_W: the re-quantization error is "
+        f"{median:.1%} of the median layer's update norm ||delta_W|| "
+        f"({report[worst]:.1%} for '{worst}', the largest). To "
+        "keep the update exact, deploy the adapted model unmerged, or merge "
+        "the adapter into the float base (`load_adapter` onto it, then "
+        "`merge_adalora`).",
+        stacklevel=3,
+    )
 
 
 def get_rank_pattern(model):
@@ -93,6 +111,17 @@ def merge_adalora(model):
       configuration, without the AdaLoRA wrapper, its scores and schedule,
       or any moment estimates (what a frozen model's file would hold).
 
+    A layer quantized to int8 or int4 (`model.quantize` before
+    `apply_adalora`) stays quantized: `W + delta_W` is re-quantized in the
+    layer's mode, block size and configuration, exactly as `model.quantize`
+    would quantize the merged float layer. That rounds the update to the
+    quantization grid, so a `UserWarning` reports the error it makes,
+    relative to each layer's update
+    (`||Q(W + delta_W) - (W + delta_W)|| / ||delta_W||`, dequantized). Where
+    it is large (int4 grids are coarse), deploy the adapted model itself,
+    which computes `Q(W) x + delta_W x` at the quantized model's cost, or
+    load the adapter onto the float base and merge there.
+
     The adapters are gone: save them first (`save_adapter`, or `model.save`
     of the adapted model) if you may want them back.
 
@@ -110,8 +139,11 @@ def merge_adalora(model):
     ('Dense', False)
     """
     layers = require_adapted_layers(model, "merge_adalora")
+    report = {}
     for layer in layers:
-        layer.revert_in_place()
+        layer.revert_in_place(report=report)
+    if report:
+        _warn_requantization(report)
     for obj in _keras.sublayers(model, include_self=True):
         unmark_adapted(obj)
     model.trainable = False

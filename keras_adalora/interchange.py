@@ -32,7 +32,7 @@ from keras_adalora.adapter import MASK_NAME
 from keras_adalora.apply import freeze_all_but
 from keras_adalora.hf_families import identify
 from keras_adalora.layers import AdaLoRAEmbedding
-from keras_adalora.saving import _kernel
+from keras_adalora.quantization import kernel_shape
 from keras_adalora.saving import _plan_adapter
 from keras_adalora.saving import _trained_layers
 from keras_adalora.saving import _weighted_layers
@@ -601,7 +601,7 @@ def _plan_module(
     record = {
         "path": path,
         "base_class": cls.wrapped_class.__name__,
-        "kernel_shape": list(_kernel(layer).shape),
+        "kernel_shape": list(kernel_shape(layer)),
         "init_rank": init_rank,
         "alpha": alpha,
         "dropout": dropout,

@@ -42,6 +42,7 @@ from keras_adalora.adapter import LAM_NAME
 from keras_adalora.adapter import MASK_NAME
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.apply import freeze_all_but
+from keras_adalora.quantization import kernel_shape
 from keras_adalora.targets import ADAPTER_FOR
 from keras_adalora.targets import adapted_layers
 from keras_adalora.targets import layer_path
@@ -100,7 +101,7 @@ def save_adapter(model, filepath, overwrite=True):
                 "path": layer_path(layer),
                 "index": index[id(layer)],
                 "base_class": layer.wrapped_class.__name__,
-                "kernel_shape": list(layer._base_kernel_variable().shape),
+                "kernel_shape": list(kernel_shape(layer)),
                 "init_rank": layer.init_rank,
                 "alpha": layer.alpha,
                 "dropout": layer.dropout,
@@ -325,15 +326,9 @@ def _match_layers(model, weighted, records, metadata, filepath):
     return [weighted[record["index"]] for record in records]
 
 
-def _kernel(layer):
-    if isinstance(layer, keras.layers.Embedding):
-        return layer.embeddings
-    return getattr(layer, "kernel", None)
-
-
 def _describe(layer):
-    kernel = _kernel(layer) if isinstance(layer, tuple(ADAPTER_FOR)) else None
-    shape = "" if kernel is None else f" with kernel {tuple(kernel.shape)}"
+    adaptable = isinstance(layer, tuple(ADAPTER_FOR)) and layer.built
+    shape = f" with kernel {kernel_shape(layer)}" if adaptable else ""
     return f"'{layer_path(layer)}' ({type(layer).__name__}{shape})"
 
 
@@ -349,7 +344,7 @@ def _plan_adapter(record, layer, values):
             f"layer there is {_describe(layer)}. Load the adapter into a "
             "copy of the base model it was trained on."
         )
-    if tuple(_kernel(layer).shape) != tuple(record["kernel_shape"]):
+    if kernel_shape(layer) != tuple(record["kernel_shape"]):
         raise ValueError(
             f"{where} was trained on a kernel of shape "
             f"{tuple(record['kernel_shape'])}, but this model's layer "

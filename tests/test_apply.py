@@ -227,11 +227,11 @@ def test_unbuilt_layers_are_refused():
         apply_adalora(model, init_rank=2)
 
 
-def test_quantized_layers_are_refused():
+def test_layers_quantized_in_a_mode_keras_cannot_train_are_refused():
     model = mlp()
-    model.quantize("int8")
+    model.quantize("float8")
     weights = len(model.weights)
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(ValueError, match="quantized with mode 'float8'"):
         apply_adalora(model, init_rank=2)
     assert_untouched(model, weights)
 

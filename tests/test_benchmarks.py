@@ -204,3 +204,30 @@ def test_docstring_examples_hold(name):
     module = importlib.import_module(f"bench.{name}")
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried > 0 and failures == 0
+
+
+# ---------------------------------------------------------------------------
+# The quantized-base benchmark (`benchmarks/quantized.py`): its smoke run,
+# jax pass only. Nothing is timed here; the smoke numbers mean nothing.
+
+
+def test_quantized_benchmark_smoke_run_prints_every_config_and_the_ratios():
+    pytest.importorskip("keras_hub")
+    if keras.backend.backend() != "jax":
+        pytest.skip("the quantized benchmark smoke run is tested in the jax pass only")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quantized.py"), "--smoke",
+         "--backend", "jax"],
+        cwd=str(REPO), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    configs = ("adalora-int8", "adalora-float", "lora-int8")
+    rows = {
+        cells[0]: cells
+        for cells in map(str.split, result.stdout.splitlines())
+        if len(cells) == 4 and cells[0] in configs
+    }
+    assert set(rows) == set(configs)
+    # The same adapters on the int8 and the float base.
+    assert rows["adalora-int8"][1] == rows["adalora-float"][1]
+    assert "adalora-int8 / lora-int8: memory" in result.stdout

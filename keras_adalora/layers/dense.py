@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_adalora import _keras
+from keras_adalora import quantization
 from keras_adalora.adapter import AdaptedLayerMixin
 
 
@@ -25,6 +26,11 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
     Most users get these layers from `keras_adalora.apply_adalora(model)`;
     build one directly, or from an existing built `Dense` with
     `AdaLoRADense.from_layer(layer, init_rank=...)`.
+
+    A `Dense` that Keras quantized to int8 or int4 (`model.quantize`)
+    adapts too: its quantized kernel and scales stay frozen, `x @ W` runs
+    through Keras's own quantized path, and the adapter stays float32
+    (`keras_adalora.quantization`).
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -71,7 +77,7 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         )
 
     def _adapter_matrix_shape(self):
-        return tuple(_keras.kernel_variable(self).shape)
+        return quantization.kernel_shape(self)
 
     def _kernel_from_matrix(self, matrix):
         return matrix
@@ -87,7 +93,10 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         """The effective kernel `W + delta_W` (a tensor, not a variable)."""
         return self._effective_kernel()
 
+    def _float_output(self, inputs):
+        return ops.matmul(inputs, _keras.kernel_variable(self))
+
     def call(self, inputs, training=None):
         return self._add_adapter_bias_activation(
-            ops.matmul(inputs, _keras.kernel_variable(self)), inputs, training
+            self._frozen_output(inputs, training), inputs, training
         )

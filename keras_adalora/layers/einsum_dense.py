@@ -9,6 +9,7 @@ import keras
 from keras import ops
 
 from keras_adalora import _keras
+from keras_adalora import quantization
 from keras_adalora.adapter import AdaptedLayerMixin
 
 
@@ -121,6 +122,11 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
     contracts the input with `A` and expands with `B` by two einsums, never
     forming `delta_W`.
 
+    A `EinsumDense` that Keras quantized to int8 or int4 (`model.quantize`)
+    adapts too: its quantized kernel and scales stay frozen, `x @ W` runs
+    through Keras's own quantized path, and the adapter stays float32
+    (`keras_adalora.quantization`).
+
     Args:
         equation: The einsum equation, as for `keras.layers.EinsumDense`.
         output_shape: The output shape without the batch axis, as for
@@ -169,11 +175,13 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
     @property
     def matrix_view(self):
         """The `EinsumMatrixView` of this layer's kernel."""
-        return _matrix_view(self.equation, tuple(_keras.kernel_variable(self).shape))
+        return _matrix_view(self.equation, quantization.kernel_shape(self))
 
     def _adapter_matrix_shape(self):
         # Also called on a plain EinsumDense by `check_wrappable`.
-        return _matrix_view(self.equation, tuple(_keras.kernel_variable(self).shape)).matrix_shape
+        return _matrix_view(
+            self.equation, quantization.kernel_shape(self)
+        ).matrix_shape
 
     def _kernel_from_matrix(self, matrix):
         return self.matrix_view.kernel_from_matrix(matrix)
@@ -197,7 +205,10 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
         """The effective kernel `W + delta_W` (a tensor, not a variable)."""
         return self._effective_kernel()
 
+    def _float_output(self, inputs):
+        return ops.einsum(self.equation, inputs, _keras.kernel_variable(self))
+
     def call(self, inputs, training=None):
         return self._add_adapter_bias_activation(
-            ops.einsum(self.equation, inputs, _keras.kernel_variable(self)), inputs, training
+            self._frozen_output(inputs, training), inputs, training
         )

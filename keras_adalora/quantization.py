@@ -1,0 +1,202 @@
+"""How an adapted layer reads a base layer that Keras quantized.
+
+Keras quantizes `Dense` and `EinsumDense` layers in place
+(`model.quantize("int8")`, `"int4"`): the kernel becomes an int8 variable
+(int4 values packed two per byte) with its scales, and the layer's forward
+pass becomes `_int8_call`/`_int4_call`, whose custom gradients dequantize
+the kernel inside the backward pass only. An adapted quantized layer runs
+that same forward pass for `x @ W` (`frozen_output`), so it keeps Keras's
+memory and speed, and adds the float32 adapter term, the bias and the
+activation itself. `merge_adalora` re-quantizes `W + delta_W` with Keras's
+own `quantize` (`requantized_layer`), so a merged layer holds what
+`model.quantize` gives the merged float model.
+
+The quantized forward pass, the scale layout of `EinsumDense` and the int4
+attributes are private Keras (as in `_keras.py`); everything here that
+depends on them is checked by tests on each backend and on Keras nightly.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+from keras import quantizers
+
+from keras_adalora import _keras
+
+# The modes Keras trains through (its `enable_lora` runs on both).
+TRAINABLE_MODES = ("int8", "int4")
+_REFUSED = {
+    "gptq": "post-training GPTQ quantization, whose calibrated kernel Keras "
+    "runs for inference only (its own `enable_lora` refuses it)",
+    "awq": "post-training AWQ quantization, whose calibrated kernel Keras "
+    "runs for inference only",
+    "float8": "float8 training, whose forward pass quantizes the inputs and "
+    "gradients with scales it updates every step (Keras's own "
+    "`enable_lora` does not run on it)",
+}
+
+
+def check_mode(layer, name):
+    """Raises `ValueError` unless AdaLoRA can adapt `layer` in its
+    quantization mode: `None`, or `int8`/`int4` on a `Dense` or
+    `EinsumDense`."""
+    mode = layer.quantization_mode
+    if mode is None:
+        return
+    fix = (
+        "Adapt the float model, or one quantized with "
+        "`model.quantize('int8')` or `model.quantize('int4')`"
+    )
+    if mode in _REFUSED:
+        raise ValueError(
+            f"Layer '{name}' is quantized with mode '{mode}': "
+            f"{_REFUSED[mode]}, so AdaLoRA cannot train an adapter on it. "
+            f"{fix}; or leave this layer out of `target`."
+        )
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(
+            f"Layer '{name}' has quantization mode '{mode}', which AdaLoRA "
+            f"does not know. {fix}."
+        )
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        raise ValueError(
+            f"Layer '{name}' is a {type(layer).__name__} quantized to "
+            f"'{mode}'; AdaLoRA adapts quantized Dense and EinsumDense layers "
+            "only (a quantized embedding table is not supported yet). Adapt "
+            "the float layer (quantize only the Dense layers: "
+            "`model.quantize(mode, filters=...)`), or leave this layer out "
+            "of `target`."
+        )
+
+
+def kernel_shape(layer):
+    """The shape of `layer`'s kernel (or embedding table) as the float layer
+    has it: int4 kernels are stored packed, in another shape."""
+    if layer.quantization_mode == "int4":
+        if isinstance(layer, keras.layers.EinsumDense):
+            return tuple(layer.original_kernel_shape)
+        if isinstance(layer, keras.layers.Embedding):
+            return (layer.input_dim, layer.output_dim)
+        return (_keras.kernel_variable(layer).shape[0], layer.units)
+    return tuple(_keras.kernel_variable(layer).shape)
+
+
+def quantized_weights(layer):
+    """`(name, variable)` pairs of the quantization state beside the kernel
+    (`kernel_scale`, and for grouped int4 `kernel_zero` and `g_idx`), in
+    the order Keras saves them; `()` for a float layer."""
+    if layer.quantization_mode not in TRAINABLE_MODES:
+        return ()
+    names = ("kernel_scale", "kernel_zero", "g_idx")
+    return tuple((n, getattr(layer, n)) for n in names if hasattr(layer, n))
+
+
+def _int4_block_size(layer):
+    size = getattr(layer, "_int4_block_size", None)
+    return None if size in (None, -1) else int(size)
+
+
+def float_kernel(layer):
+    """`layer`'s kernel as float32, dequantized if it is quantized, in the
+    float layer's kernel shape."""
+    kernel = ops.convert_to_tensor(_keras.kernel_variable(layer))
+    mode = layer.quantization_mode
+    if mode is None:
+        return ops.cast(kernel, "float32")
+    scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
+    if mode == "int8":
+        if isinstance(layer, keras.layers.EinsumDense):
+            scale = layer._adjust_scale_for_dequant(scale)
+        return ops.divide(ops.cast(kernel, "float32"), scale)
+    # int4: a (rows, ceil(columns / 2)) matrix of packed values, rows the
+    # contracted axes, quantized per column or per block of rows.
+    if isinstance(layer, keras.layers.EinsumDense):
+        columns = layer._int4_unpacked_column_size
+    else:
+        columns = layer.units
+    values = ops.cast(quantizers.unpack_int4(kernel, columns, axis=-1), "float32")
+    if _int4_block_size(layer) is None:
+        matrix = ops.divide(values, scale)
+    else:
+        groups = ops.cast(ops.convert_to_tensor(layer.g_idx), "int32")
+        zero = ops.cast(ops.convert_to_tensor(layer.kernel_zero), "float32")
+        matrix = ops.multiply(
+            ops.subtract(values, ops.take(zero, groups, axis=0)),
+            ops.take(scale, groups, axis=0),
+        )
+    return ops.reshape(matrix, kernel_shape(layer))
+
+
+class _WithoutEpilogue:
+    """`layer` as Keras's quantized forward pass sees it, with its bias,
+    activation and LoRA held aside: that pass then computes `x @ W` alone.
+    The layer itself is never changed (this is safe inside a trace)."""
+
+    bias = None
+    activation = None
+    lora_enabled = False
+
+    def __init__(self, layer):
+        object.__setattr__(self, "_layer", layer)
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+
+def frozen_output(layer, inputs, training=None):
+    """`inputs @ W` of a quantized `layer`, computed by Keras's own
+    quantized forward pass (its custom gradient included), without bias or
+    activation."""
+    mode = layer.quantization_mode
+    base = getattr(layer, "wrapped_class", type(layer))  # plain or adapted
+    call = base._int8_call if mode == "int8" else base._int4_call
+    return call(_WithoutEpilogue(layer), inputs, training=training)
+
+
+def requantized_layer(layer, kernel):
+    """A plain Keras layer like `layer`, holding the float `kernel`
+    quantized as `model.quantize` quantizes it (the same mode, block size
+    and configuration). Its `_kernel`, `kernel_scale` and, for grouped int4,
+    `kernel_zero` are what a merged `layer` holds."""
+    mode = layer.quantization_mode
+    plain_class = layer.wrapped_class
+    config = plain_class.get_config(layer)
+    config.pop("quantization_config", None)
+    config["dtype"] = layer.variable_dtype
+    plain = plain_class.from_config(config)
+    plain.build_from_config(layer.get_build_config())
+    plain._kernel.assign(ops.cast(kernel, plain._kernel.dtype))
+    quantization_config = layer.quantization_config
+    if mode == "int4" and quantization_config is None:
+        # The block size may come from the dtype policy ("int4/128").
+        block_size = _int4_block_size(layer)
+        quantization_config = keras.quantizers.Int4QuantizationConfig(
+            block_size=-1 if block_size is None else block_size
+        )
+    plain.quantize(mode, config=quantization_config)
+    return plain
+
+
+def requantize(layer, kernel):
+    """`kernel` (float, the float layer's shape) quantized as `layer` is.
+
+    Returns:
+        `(values, error)`: a dict from weight name (`kernel`,
+        `kernel_scale` and, for grouped int4, `kernel_zero`) to the value
+        `layer` takes, and the relative error
+        `||dequantized - kernel||_F / ||kernel - W||_F`, `W` the layer's
+        current (dequantized) kernel: the share of the update that
+        re-quantization loses or adds (0 when there is no update).
+    """
+    kernel = ops.convert_to_numpy(kernel)  # no gradient to carry
+    plain = requantized_layer(layer, kernel)
+    values = {
+        name: ops.convert_to_tensor(variable)
+        for name, variable in (("kernel", plain._kernel),)
+        + quantized_weights(plain)
+        if name != "g_idx"
+    }
+    error = np.linalg.norm(ops.convert_to_numpy(float_kernel(plain)) - kernel)
+    update = np.linalg.norm(kernel - ops.convert_to_numpy(float_kernel(layer)))
+    error, update = float(error), float(update)
+    return values, (error / update if update > 0 else 0.0)
