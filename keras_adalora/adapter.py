@@ -594,13 +594,13 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 the re-quantization error relative to `||delta_W||`
                 (`quantization.requantize`).
         """
-        merged = self.merged_kernel()
         named = self._base_named_weights(self)
         if self.quantization_mode is None:
-            values = {named[0][0]: merged}  # the kernel (or table) first
+            # The kernel (or table) comes first.
+            values = {named[0][0]: self.merged_kernel()}
         else:
             # Re-quantized as `model.quantize` would the merged float layer.
-            values, error = quantization.requantize(self, merged)
+            values, error = quantization.requantize(self, self.delta_kernel())
             if report is not None:
                 report[self.path or self.name] = error
         with _keras.unlocked_tracker(self):
@@ -609,18 +609,17 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
             if self.adapter_dropout is not None:
                 _keras.untrack_layer(self, self.adapter_dropout)
             for name, variable in named:
-                if values.get(name) is not None:
+                if variable is None:
+                    continue
+                if name in values:
                     variable.assign(ops.convert_to_tensor(values[name]))
-            # Trainable as in a plain layer: a quantized kernel and its
-            # scales never are, its bias is.
-            for name, variable in named:
-                if variable is not None:
-                    _keras.refile_variable(
-                        self,
-                        variable,
-                        trainable=self.quantization_mode is None
-                        or name == "bias",
-                    )
+                # Trainable as in a plain layer: a quantized kernel and its
+                # scales never are, its bias is.
+                _keras.refile_variable(
+                    self,
+                    variable,
+                    trainable=self.quantization_mode is None or name == "bias",
+                )
             for attribute in _ADAPTER_ATTRIBUTES:
                 # Skips Keras's `Layer.__delattr__` (a `gc.collect()` per
                 # variable) but keeps the backend's own attribute bookkeeping.

@@ -69,9 +69,21 @@ def check_mode(layer, name):
         )
 
 
+def _weight_view(layer):
+    """Keras's `QuantizedWeight` view of a quantized layer's kernel (Keras
+    3.16 and later: it knows the float shape and dequantizes), or `None`
+    (a float layer, or an earlier Keras, read field by field below)."""
+    if layer.quantization_mode is None or not hasattr(layer, "_quantized_weight"):
+        return None
+    return layer._quantized_weight()
+
+
 def kernel_shape(layer):
     """The shape of `layer`'s kernel (or embedding table) as the float layer
     has it: int4 kernels are stored packed, in another shape."""
+    view = _weight_view(layer)
+    if view is not None:
+        return tuple(view.shape)
     if layer.quantization_mode == "int4":
         if isinstance(layer, keras.layers.EinsumDense):
             return tuple(layer.original_kernel_shape)
@@ -83,12 +95,20 @@ def kernel_shape(layer):
 
 def quantized_weights(layer):
     """`(name, variable)` pairs of the quantization state beside the kernel
-    (`kernel_scale`, and for grouped int4 `kernel_zero` and `g_idx`), in
-    the order Keras saves them; `()` for a float layer."""
+    and bias (`kernel_scale`, and for grouped int4 a zero point and
+    `g_idx`; Keras names them), in the order the layer created them; `()`
+    for a float layer."""
     if layer.quantization_mode not in TRAINABLE_MODES:
         return ()
-    names = ("kernel_scale", "kernel_zero", "g_idx")
-    return tuple((n, getattr(layer, n)) for n in names if hasattr(layer, n))
+    trainable, non_trainable = _keras.own_variables(layer)
+    kernel = _keras.kernel_variable(layer)
+    return tuple(
+        (variable.name, variable)
+        for variable in trainable + non_trainable
+        if variable is not kernel
+        and variable is not layer.bias
+        and variable.name.startswith(("kernel_", "zero_point", "g_idx"))
+    )
 
 
 def _int4_block_size(layer):
@@ -103,6 +123,10 @@ def float_kernel(layer):
     mode = layer.quantization_mode
     if mode is None:
         return ops.cast(kernel, "float32")
+    view = _weight_view(layer)
+    if view is not None:
+        return view.dequantize("float32")
+    # Keras 3.15: the same arithmetic as its layers' own dequantization.
     scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
     if mode == "int8":
         if isinstance(layer, keras.layers.EinsumDense):
@@ -148,16 +172,21 @@ def frozen_output(layer, inputs, training=None):
     quantized forward pass (its custom gradient included), without bias or
     activation."""
     mode = layer.quantization_mode
-    base = getattr(layer, "wrapped_class", type(layer))  # plain or adapted
-    call = base._int8_call if mode == "int8" else base._int4_call
+    base = type(layer)  # a plain layer, or an adapted one inheriting its pass
+    if not hasattr(base, "_int8_call"):
+        # Keras 3.16 and later: one quantized pass per mode, dispatched by
+        # `Layer.quantized_call`.
+        call = keras.layers.Layer.quantized_call
+    else:
+        call = base._int8_call if mode == "int8" else base._int4_call
     return call(_WithoutEpilogue(layer), inputs, training=training)
 
 
 def requantized_layer(layer, kernel):
     """A plain Keras layer like `layer`, holding the float `kernel`
     quantized as `model.quantize` quantizes it (the same mode, block size
-    and configuration). Its `_kernel`, `kernel_scale` and, for grouped int4,
-    `kernel_zero` are what a merged `layer` holds."""
+    and configuration). Its `_kernel` and `quantized_weights` are what a
+    merged `layer` holds."""
     mode = layer.quantization_mode
     plain_class = layer.wrapped_class
     config = plain_class.get_config(layer)
@@ -169,34 +198,32 @@ def requantized_layer(layer, kernel):
     quantization_config = layer.quantization_config
     if mode == "int4" and quantization_config is None:
         # The block size may come from the dtype policy ("int4/128").
-        block_size = _int4_block_size(layer)
         quantization_config = keras.quantizers.Int4QuantizationConfig(
-            block_size=-1 if block_size is None else block_size
+            block_size=getattr(layer.dtype_policy, "block_size", -1)
         )
     plain.quantize(mode, config=quantization_config)
     return plain
 
 
-def requantize(layer, kernel):
-    """`kernel` (float, the float layer's shape) quantized as `layer` is.
+def requantize(layer, delta):
+    """`layer`'s dequantized kernel plus `delta` (float, the float layer's
+    kernel shape), quantized as `layer` is.
 
     Returns:
-        `(values, error)`: a dict from weight name (`kernel`,
-        `kernel_scale` and, for grouped int4, `kernel_zero`) to the value
-        `layer` takes, and the relative error
-        `||dequantized - kernel||_F / ||kernel - W||_F`, `W` the layer's
-        current (dequantized) kernel: the share of the update that
-        re-quantization loses or adds (0 when there is no update).
+        `(values, error)`: a dict from weight name (`kernel` and the
+        `quantized_weights` names) to the value `layer` takes, and the
+        relative error `||dequantized - (W + delta)||_F / ||delta||_F`, `W`
+        the layer's dequantized kernel: how much of the update
+        re-quantization changes (0 when there is no update).
     """
-    kernel = ops.convert_to_numpy(kernel)  # no gradient to carry
+    delta = ops.convert_to_numpy(delta)  # no gradient to carry
+    kernel = ops.convert_to_numpy(float_kernel(layer)) + delta
     plain = requantized_layer(layer, kernel)
     values = {
         name: ops.convert_to_tensor(variable)
         for name, variable in (("kernel", plain._kernel),)
         + quantized_weights(plain)
-        if name != "g_idx"
     }
     error = np.linalg.norm(ops.convert_to_numpy(float_kernel(plain)) - kernel)
-    update = np.linalg.norm(kernel - ops.convert_to_numpy(float_kernel(layer)))
-    error, update = float(error), float(update)
-    return values, (error / update if update > 0 else 0.0)
+    update = np.linalg.norm(delta)
+    return values, float(error / update) if update > 0 else 0.0

@@ -35,7 +35,7 @@ PROJECTIONS = ("up", "qkv", "out")
 # `model.quantize` arguments of each mode under test.
 MODES = {
     "int8": ("int8", None),
-    "int4": ("int4", None),  # per output channel
+    "int4": ("int4", "Int4QuantizationConfig(block_size=-1)"),  # per channel
     "int4-grouped": ("int4", "Int4QuantizationConfig(block_size=16)"),
 }
 
