@@ -1,13 +1,14 @@
 """How an adapted layer reads a base layer that Keras quantized.
 
-Keras quantizes `Dense` and `EinsumDense` layers in place
-(`model.quantize("int8")`, `"int4"`): the kernel becomes an int8 variable
-(int4 values packed two per byte) with its scales, and the layer's forward
-pass becomes `_int8_call`/`_int4_call`, whose custom gradients dequantize
+Keras quantizes `Dense`, `EinsumDense` and `Embedding` layers in place
+(`model.quantize("int8")`, `"int4"`): the kernel (or table) becomes an int8
+variable (int4 values packed two per byte) with its scales, and the layer's
+forward pass becomes its quantized pass, whose custom gradients dequantize
 the kernel inside the backward pass only. An adapted quantized layer runs
-that same forward pass for `x @ W` (`frozen_output`), so it keeps Keras's
-memory and speed, and adds the float32 adapter term, the bias and the
-activation itself. `merge_adalora` re-quantizes `W + delta_W` with Keras's
+that same pass for `x @ W` (`frozen_output`: for an embedding, the lookup
+and the reverse projection), so it keeps Keras's memory and speed, and adds
+the float32 adapter term, the bias and the activation (or soft cap)
+itself. `merge_adalora` re-quantizes `W + delta_W` with Keras's
 own `quantize` (`requantized_layer`), so a merged layer holds what
 `model.quantize` gives the merged float model.
 
@@ -38,8 +39,8 @@ _REFUSED = {
 
 def check_mode(layer, name):
     """Raises `ValueError` unless AdaLoRA can adapt `layer` in its
-    quantization mode: `None`, or `int8`/`int4` on a `Dense` or
-    `EinsumDense`."""
+    quantization mode: `None`, or `int8`/`int4` on a `Dense`, an
+    `EinsumDense` or an `Embedding`."""
     mode = layer.quantization_mode
     if mode is None:
         return
@@ -58,12 +59,13 @@ def check_mode(layer, name):
             f"Layer '{name}' has quantization mode '{mode}', which AdaLoRA "
             f"does not know. {fix}."
         )
-    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+    kinds = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
+    if not isinstance(layer, kinds):
         raise ValueError(
             f"Layer '{name}' is a {type(layer).__name__} quantized to "
-            f"'{mode}'; AdaLoRA adapts quantized Dense and EinsumDense layers "
-            "only (a quantized embedding table is not supported yet). Adapt "
-            "the float layer (quantize only the Dense layers: "
+            f"'{mode}'; AdaLoRA adapts quantized Dense, EinsumDense and "
+            "Embedding (ReversibleEmbedding included) layers only. Adapt the "
+            "float layer (quantize only the others: "
             "`model.quantize(mode, filters=...)`), or leave this layer out "
             "of `target`."
         )
@@ -95,19 +97,27 @@ def kernel_shape(layer):
 
 def quantized_weights(layer):
     """`(name, variable)` pairs of the quantization state beside the kernel
-    and bias (`kernel_scale`, and for grouped int4 a zero point and
-    `g_idx`; Keras names them), in the order the layer created them; `()`
-    for a float layer."""
+    (or table) and bias: scales, and for grouped int4 zero points and
+    `g_idx`, as Keras names them (an untied `ReversibleEmbedding`'s reverse
+    table's too), in the order the layer created them; `()` for a float
+    layer."""
     if layer.quantization_mode not in TRAINABLE_MODES:
         return ()
     trainable, non_trainable = _keras.own_variables(layer)
     kernel = _keras.kernel_variable(layer)
+    prefixes = (
+        "kernel_",
+        "zero_point",
+        "g_idx",
+        "embeddings_",
+        "reverse_embeddings_",
+    )
     return tuple(
         (variable.name, variable)
         for variable in trainable + non_trainable
         if variable is not kernel
-        and variable is not layer.bias
-        and variable.name.startswith(("kernel_", "zero_point", "g_idx"))
+        and variable is not getattr(layer, "bias", None)
+        and variable.name.startswith(prefixes)
     )
 
 
@@ -127,6 +137,8 @@ def float_kernel(layer):
     if view is not None:
         return view.dequantize("float32")
     # Keras 3.15: the same arithmetic as its layers' own dequantization.
+    if isinstance(layer, keras.layers.Embedding):
+        return _float_table(layer, kernel)
     scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
     if mode == "int8":
         if isinstance(layer, keras.layers.EinsumDense):
@@ -151,13 +163,35 @@ def float_kernel(layer):
     return ops.reshape(matrix, kernel_shape(layer))
 
 
+def _float_table(layer, table):
+    """A quantized `Embedding`'s table as float32 (Keras 3.15): int8 or
+    int4 values per row (a token) over the row's scale, or over its groups
+    of columns (grouped int4, with zero points)."""
+    scale = ops.cast(ops.convert_to_tensor(layer.embeddings_scale), "float32")
+    if layer.quantization_mode == "int8":
+        values = ops.cast(table, "float32")
+    else:
+        values = quantizers.unpack_int4(table, layer.output_dim, axis=-1)
+        values = ops.cast(values, "float32")
+    if _int4_block_size(layer) is None or layer.quantization_mode == "int8":
+        return ops.divide(values, ops.expand_dims(scale, -1))
+    groups = ops.cast(ops.convert_to_tensor(layer.g_idx), "int32")
+    zero = ops.cast(ops.convert_to_tensor(layer.embeddings_zero), "float32")
+    return ops.multiply(
+        ops.subtract(values, ops.take(zero, groups, axis=1)),
+        ops.take(scale, groups, axis=1),
+    )
+
+
 class _WithoutEpilogue:
     """`layer` as Keras's quantized forward pass sees it, with its bias,
-    activation and LoRA held aside: that pass then computes `x @ W` alone.
-    The layer itself is never changed (this is safe inside a trace)."""
+    activation, logit soft cap and LoRA held aside: that pass then computes
+    `x @ W` (a lookup, or `h @ E^T`) alone. The layer itself is never
+    changed (this is safe inside a trace)."""
 
     bias = None
     activation = None
+    logit_soft_cap = None
     lora_enabled = False
 
     def __init__(self, layer):
@@ -167,26 +201,41 @@ class _WithoutEpilogue:
         return getattr(self._layer, name)
 
 
-def frozen_output(layer, inputs, training=None):
+def frozen_output(layer, inputs, training=None, reverse=False):
     """`inputs @ W` of a quantized `layer`, computed by Keras's own
     quantized forward pass (its custom gradient included), without bias or
-    activation."""
+    activation. For an `Embedding`, the lookup of the token ids `inputs`;
+    with `reverse=True` (a `ReversibleEmbedding`), the logits before any
+    soft cap."""
+    view = _WithoutEpilogue(layer)
     mode = layer.quantization_mode
-    base = type(layer)  # a plain layer, or an adapted one inheriting its pass
-    if not hasattr(base, "_int8_call"):
+    if not hasattr(keras.layers.Dense, "_int8_call"):
         # Keras 3.16 and later: one quantized pass per mode, dispatched by
-        # `Layer.quantized_call`.
-        call = keras.layers.Layer.quantized_call
-    else:
-        call = base._int8_call if mode == "int8" else base._int4_call
-    return call(_WithoutEpilogue(layer), inputs, training=training)
+        # `Layer.quantized_call` (called on the view directly: the layers'
+        # own overrides reach it through `super()`, which needs the layer).
+        if isinstance(layer, keras.layers.ReversibleEmbedding):
+            return keras.layers.Layer.quantized_call(view, inputs, reverse=reverse)
+        if isinstance(layer, keras.layers.Embedding):
+            return keras.layers.Layer.quantized_call(view, inputs)
+        return keras.layers.Layer.quantized_call(view, inputs, training=training)
+    name = f"_{mode}_call"
+    if reverse:
+        return getattr(keras.layers.ReversibleEmbedding, name)(
+            view, inputs, reverse=True
+        )
+    if isinstance(layer, keras.layers.Embedding):
+        # The lookup, as `ReversibleEmbedding` runs it through `super()`.
+        return getattr(keras.layers.Embedding, name)(view, inputs)
+    # A plain layer, or an adapted one inheriting its pass.
+    return getattr(type(layer), name)(view, inputs, training=training)
 
 
 def requantized_layer(layer, kernel):
     """A plain Keras layer like `layer`, holding the float `kernel`
     quantized as `model.quantize` quantizes it (the same mode, block size
-    and configuration). Its `_kernel` and `quantized_weights` are what a
-    merged `layer` holds."""
+    and configuration). Its kernel (or table) and `quantized_weights` are
+    what a merged `layer` holds (an untied `ReversibleEmbedding`'s reverse
+    table excepted: the adapter leaves it as it is)."""
     mode = layer.quantization_mode
     plain_class = layer.wrapped_class
     config = plain_class.get_config(layer)
@@ -194,7 +243,8 @@ def requantized_layer(layer, kernel):
     config["dtype"] = layer.variable_dtype
     plain = plain_class.from_config(config)
     plain.build_from_config(layer.get_build_config())
-    plain._kernel.assign(ops.cast(kernel, plain._kernel.dtype))
+    target = _keras.kernel_variable(plain)
+    target.assign(ops.cast(kernel, target.dtype))
     quantization_config = layer.quantization_config
     if mode == "int4" and quantization_config is None:
         # The block size may come from the dtype policy ("int4/128").
@@ -210,19 +260,22 @@ def requantize(layer, delta):
     kernel shape), quantized as `layer` is.
 
     Returns:
-        `(values, error)`: a dict from weight name (`kernel` and the
-        `quantized_weights` names) to the value `layer` takes, and the
-        relative error `||dequantized - (W + delta)||_F / ||delta||_F`, `W`
-        the layer's dequantized kernel: how much of the update
-        re-quantization changes (0 when there is no update).
+        `(values, error)`: a dict from weight name (`kernel` or
+        `embeddings`, and the `quantized_weights` names of the kernel or
+        table) to the value `layer` takes, and the relative error
+        `||dequantized - (W + delta)||_F / ||delta||_F`, `W` the layer's
+        dequantized kernel: how much of the update re-quantization changes
+        (0 when there is no update).
     """
     delta = ops.convert_to_numpy(delta)  # no gradient to carry
     kernel = ops.convert_to_numpy(float_kernel(layer)) + delta
     plain = requantized_layer(layer, kernel)
+    first = "embeddings" if isinstance(layer, keras.layers.Embedding) else "kernel"
     values = {
         name: ops.convert_to_tensor(variable)
-        for name, variable in (("kernel", plain._kernel),)
+        for name, variable in ((first, _keras.kernel_variable(plain)),)
         + quantized_weights(plain)
+        if not name.startswith("reverse_")
     }
     error = np.linalg.norm(ops.convert_to_numpy(float_kernel(plain)) - kernel)
     update = np.linalg.norm(delta)

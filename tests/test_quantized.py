@@ -1,6 +1,7 @@
 """AdaLoRA on bases Keras quantized to int8 or int4 (QLoRA-style).
 
-A "pretrained" model's Dense and EinsumDense layers are quantized with
+A "pretrained" model's token embedding (a tied `ReversibleEmbedding`, read
+both ways), Dense and EinsumDense layers are quantized with
 `model.quantize`, then adapted. The whole workflow runs per mode: unchanged
 at the start, only the adapters and the head train, the quantized kernels
 and scales never move, the callback reaches its exact budget, a checkpoint
@@ -21,17 +22,19 @@ from helpers import to_numpy
 
 from keras_adalora import AdaLoRADense
 from keras_adalora import AdaLoRAEinsumDense
+from keras_adalora import AdaLoRAReversibleEmbedding
 from keras_adalora import RankBudgetCallback
 from keras_adalora import apply_adalora
 from keras_adalora import compact_adalora
 from keras_adalora import get_rank_pattern
 from keras_adalora import merge_adalora
 from keras_adalora import save_adapter
+from keras_adalora import _keras
 from keras_adalora import quantization
 from keras_adalora.targets import adapted_layers
 
 BACKENDS = ("tensorflow", "jax", "torch")
-PROJECTIONS = ("up", "qkv", "out")
+PROJECTIONS = ("tok", "up", "qkv", "out")
 # `model.quantize` arguments of each mode under test.
 MODES = {
     "int8": ("int8", None),
@@ -41,17 +44,21 @@ MODES = {
 
 
 def base_model():
-    """A small "pretrained" transformer-like stack: a Dense with an
-    activation, an attention-style EinsumDense pair, a float head."""
-    tokens = keras.Input((6, 32), name="tokens")
-    x = keras.layers.Dense(64, activation="gelu", name="up")(tokens)
+    """A small "pretrained" transformer-like stack: a token embedding tied
+    with the logits' projection, a Dense with an activation, an
+    attention-style EinsumDense pair, a float head on the pooled logits."""
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    embedding = keras.layers.ReversibleEmbedding(
+        40, 32, tie_weights=True, logit_soft_cap=8.0, name="tok"
+    )
+    x = keras.layers.Dense(64, activation="gelu", name="up")(embedding(tokens))
     x = keras.layers.EinsumDense(
         "btd,dnh->btnh", output_shape=(None, 4, 16), bias_axes="nh", name="qkv"
     )(x)
     x = keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, 32), name="out")(
         x
     )
-    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.GlobalAveragePooling1D()(embedding(x, reverse=True))
     return keras.Model(tokens, keras.layers.Dense(3, name="head")(x))
 
 
@@ -75,7 +82,7 @@ def quiet():
 
 def data(n=32, seed=0):
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 6, 32)).astype("float32"), rng.integers(0, 3, (n,))
+    return rng.integers(0, 40, (n, 6)).astype("int32"), rng.integers(0, 3, (n,))
 
 
 def frozen_state(model):
@@ -83,7 +90,7 @@ def frozen_state(model):
         f"{name}/{weight}": to_numpy(variable).copy()
         for name in PROJECTIONS
         for weight, variable in quantization.quantized_weights(model.get_layer(name))
-        + (("kernel", model.get_layer(name)._kernel),)
+        + (("kernel", _keras.kernel_variable(model.get_layer(name))),)
     }
 
 
@@ -115,9 +122,9 @@ def test_a_quantized_model_adapts_trains_reloads_and_merges_quantized(tmp_path, 
     history = model.fit(
         x, y, batch_size=4, epochs=2, verbose=0, callbacks=[callback, checkpoint]
     )
-    assert history.history["adalora_rank"][-1] == callback.target_budget == 6
+    assert history.history["adalora_rank"][-1] == callback.target_budget == 8
     pattern = get_rank_pattern(model)
-    assert sum(pattern.values()) == 6
+    assert sum(pattern.values()) == 8
     # The quantized kernels and their scales never moved.
     for key, value in frozen_state(model).items():
         np.testing.assert_array_equal(value, frozen[key], err_msg=key)
@@ -157,11 +164,12 @@ def test_a_quantized_model_adapts_trains_reloads_and_merges_quantized(tmp_path, 
     assert resumed["gap"] < 1e-5
     quantized = MODES[mode][0]
     assert resumed["kinds"] == {
+        "tok": ["AdaLoRAReversibleEmbedding", quantized],
         "up": ["AdaLoRADense", quantized],
         "qkv": ["AdaLoRAEinsumDense", quantized],
         "out": ["AdaLoRAEinsumDense", quantized],
     }
-    assert resumed["pattern"] == pattern and resumed["rank"] == 6
+    assert resumed["pattern"] == pattern and resumed["rank"] == 8
 
     # The adapter file onto the float base quantized afresh, under another
     # backend; compact, merge (staying quantized) and save there.
@@ -211,13 +219,17 @@ def test_a_quantized_model_adapts_trains_reloads_and_merges_quantized(tmp_path, 
     # (The same adapter also loads onto the float base: `pattern`.)
     assert loaded["pattern"] == pattern
     assert loaded["adapted_gap"] < 1e-4 and loaded["compacted_gap"] < 1e-4
-    assert loaded["kinds"] == [["Dense", quantized], ["EinsumDense", quantized]]
+    assert loaded["kinds"] == [
+        ["Dense", quantized],
+        ["EinsumDense", quantized],
+        ["ReversibleEmbedding", quantized],
+    ]
     # Re-quantizing W + delta_W rounds the update to the grid: the merged
     # model keeps most of what training moved, and the warning says how much
     # re-quantization changed.
     assert loaded["merged_gap"] < 0.25 * moved
     assert len(loaded["warnings"]) == 1, loaded["warnings"]
-    assert "re-quantized 3 quantized layer(s)" in loaded["warnings"][0]
+    assert "re-quantized 4 quantized layer(s)" in loaded["warnings"][0]
 
     deployed = fresh_process(f"""
         import keras
@@ -233,7 +245,7 @@ def test_a_quantized_model_adapts_trains_reloads_and_merges_quantized(tmp_path, 
         """)
     assert not deployed["keras_adalora_imported"]
     assert deployed["warnings"] == []
-    assert deployed["modes"] == [quantized] * 3
+    assert deployed["modes"] == [quantized] * 4
     assert deployed["gap"] < 1e-5
 
 
@@ -252,6 +264,15 @@ def test_the_dequantized_kernel_is_what_the_quantized_layer_computes(mode):
     np.testing.assert_allclose(x @ kernel, expected, atol=atol)
     qkv = model.get_layer("qkv")
     assert to_numpy(quantization.float_kernel(qkv)).shape == (64, 4, 16)
+    # The table: every token's row as the quantized lookup gives it.
+    table = model.get_layer("tok")
+    ids = keras.ops.arange(40, dtype="int32")
+    np.testing.assert_allclose(
+        to_numpy(quantization.float_kernel(table)),
+        to_numpy(quantization.frozen_output(table, ids)),
+        atol=1e-6,
+    )
+    assert quantization.kernel_shape(table) == (40, 32)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -307,23 +328,89 @@ def test_a_float8_model_is_refused_before_anything_changes():
     assert adapted_layers(model) == []
 
 
-def test_a_quantized_embedding_is_refused_with_the_fix():
-    model = keras.Sequential(
-        [keras.Input((4,), dtype="int32"), keras.layers.Embedding(20, 8, name="tok")]
+def token_model(tie_weights):
+    """Two quantizable tables: a plain `Embedding` and a `ReversibleEmbedding`
+    whose reverse projection gives the logits (from its own table when
+    untied), a Dense between them."""
+    tokens = keras.Input((6,), dtype="int32")
+    reversible = keras.layers.ReversibleEmbedding(
+        40, 16, tie_weights=tie_weights, logit_soft_cap=5.0, name="tok"
     )
-    with quiet():
-        model.quantize("int8")
-    with pytest.raises(ValueError, match=r"Embedding quantized to 'int8'.*filters"):
-        apply_adalora(model, init_rank=2, target=["tok"])
+    plain = keras.layers.Embedding(40, 16, name="plain")
+    x = keras.layers.Add()([reversible(tokens), plain(tokens)])
+    x = keras.layers.Dense(16, name="mid")(x)
+    return keras.Model(tokens, reversible(x, reverse=True))
+
+
+@pytest.mark.parametrize("tie_weights", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_quantized_tables_adapt_both_ways_train_compact_merge_and_reload(
+    tmp_path, mode, tie_weights
+):
+    keras.utils.set_random_seed(0)
+    x, _ = data(n=8)
+    y = np.random.default_rng(1).integers(0, 40, (8, 6))
+    model = quantize(token_model(tie_weights), mode)
+    tables = ("tok", "plain")
+    # The quantized tables and their scales (an untied layer's reverse
+    # table's too).
+    frozen = {
+        v.path: to_numpy(v).copy() for n in tables for v in model.get_layer(n).weights
+    }
+    before = to_numpy(model.predict(x, verbose=0))
+
+    apply_adalora(model, init_rank=4, target=[*tables, "mid"])
+    np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), before, atol=1e-6)
+    expected = {f"{n}/adalora_{w}" for n in (*tables, "mid") for w in ("A", "lam", "B")}
+    assert {v.path for v in model.trainable_weights} == expected
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    callback = RankBudgetCallback(target_rank=2, tinit=0.1, tfinal=0.6, delta_t=2)
+    history = model.fit(x, y, batch_size=2, epochs=3, verbose=0, callbacks=[callback])
+    assert history.history["adalora_rank"][-1] == sum(get_rank_pattern(model).values()) == 6
+    state = {v.path: to_numpy(v) for n in tables for v in model.get_layer(n).weights}
+    for path, value in frozen.items():
+        np.testing.assert_array_equal(state[path], value, err_msg=path)
+    trained = to_numpy(model.predict(x, verbose=0))
+    assert np.abs(trained - before).max() > 1e-3
+
+    model.save(tmp_path / "adapted.keras")
+    reloaded = keras.saving.load_model(tmp_path / "adapted.keras")
+    np.testing.assert_allclose(to_numpy(reloaded.predict(x, verbose=0)), trained, atol=1e-6)
+    compact_adalora(model)
+    np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), trained, atol=1e-5)
+    with pytest.warns(UserWarning, match="re-quantized 3 quantized layer"):
+        merge_adalora(model)
+    # Both tables stay quantized; an untied layer's reverse table is as it
+    # was (the adapter acts on the lookup table only).
+    assert [model.get_layer(n).quantization_mode for n in tables] == [MODES[mode][0]] * 2
+    if not tie_weights:
+        layer = model.get_layer("tok")
+        for v in layer.weights:
+            if v.path.startswith("tok/reverse_embeddings"):
+                np.testing.assert_array_equal(to_numpy(v), frozen[v.path])
+    merged = to_numpy(model.predict(x, verbose=0))
+    assert np.abs(merged - trained).max() < 0.5 * np.abs(trained - before).max()
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_from_layer_copies_a_quantized_layer(mode):
     model = quantize(base_model(), mode)
     x = np.random.default_rng(0).normal(size=(2, 6, 32)).astype("float32")
-    up, qkv = model.get_layer("up"), model.get_layer("qkv")
-    for layer, cls, inputs in ((up, AdaLoRADense, x), (qkv, AdaLoRAEinsumDense, up(x))):
+    up, qkv, tok = (model.get_layer(n) for n in ("up", "qkv", "tok"))
+    cases = (
+        (up, AdaLoRADense, x),
+        (qkv, AdaLoRAEinsumDense, up(x)),
+        (tok, AdaLoRAReversibleEmbedding, np.array([[1, 2, 3]], "int32")),
+    )
+    for layer, cls, inputs in cases:
         copy = cls.from_layer(layer, init_rank=4)
         assert copy.quantization_mode == layer.quantization_mode
         np.testing.assert_array_equal(to_numpy(copy(inputs)), to_numpy(layer(inputs)))
         assert layer.quantization_mode is not None and not hasattr(layer, "adalora_a")
+    hidden = np.random.default_rng(1).normal(size=(2, 6, 32)).astype("float32")
+    np.testing.assert_array_equal(
+        to_numpy(copy(hidden, reverse=True)), to_numpy(tok(hidden, reverse=True))
+    )

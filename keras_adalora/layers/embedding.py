@@ -5,6 +5,7 @@ from keras import backend
 from keras import ops
 
 from keras_adalora import _keras
+from keras_adalora import quantization
 from keras_adalora.adapter import AdaptedLayerMixin
 
 
@@ -15,6 +16,11 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
     The table `E (input_dim, output_dim)` is frozen; the layer learns
     `delta_E = (alpha / init_rank) * A @ diag(lam * rank_mask) @ B`, with the
     rows of `A (input_dim, r)` looked up by token id like the table's own.
+
+    An `Embedding` that Keras quantized to int8 or int4 (`model.quantize`)
+    adapts too: its quantized table and scales stay frozen, lookups run
+    through Keras's own quantized path, and the adapter stays float32
+    (`keras_adalora.quantization`).
 
     Args:
         input_dim: Size of the vocabulary.
@@ -62,10 +68,13 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
 
     @staticmethod
     def _base_named_weights(layer):
-        return (("embeddings", _keras.kernel_variable(layer)),)
+        # The table, then a quantized table's scales.
+        return (
+            ("embeddings", _keras.kernel_variable(layer)),
+        ) + quantization.quantized_weights(layer)
 
     def _adapter_matrix_shape(self):
-        return tuple(_keras.kernel_variable(self).shape)
+        return quantization.kernel_shape(self)
 
     def _kernel_from_matrix(self, matrix):
         return matrix
@@ -84,7 +93,9 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
     def call(self, inputs, training=None):
         if backend.standardize_dtype(inputs.dtype) not in ("int32", "int64"):
             inputs = ops.cast(inputs, "int32")
-        outputs = ops.cast(
-            ops.take(_keras.kernel_variable(self), inputs, axis=0), self.compute_dtype
-        )
+        if self.quantization_mode is not None:
+            outputs = quantization.frozen_output(self, inputs)
+        else:
+            outputs = ops.take(_keras.kernel_variable(self), inputs, axis=0)
+        outputs = ops.cast(outputs, self.compute_dtype)
         return ops.add(outputs, self.adapter_output(inputs, training=training))

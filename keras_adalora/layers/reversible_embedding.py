@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_adalora import _keras
+from keras_adalora import quantization
 from keras_adalora.adapter import ADAPTER_DTYPE
 from keras_adalora.layers.embedding import AdaLoRAEmbedding
 
@@ -29,7 +30,10 @@ class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedd
       matrix (`reverse_embeddings`), which the adapter leaves alone, as
       merging does.
 
-    `reverse_dtype` and `logit_soft_cap` act as in the Keras layer.
+    `reverse_dtype` and `logit_soft_cap` act as in the Keras layer. A
+    layer that Keras quantized to int8 or int4 keeps its quantized tables
+    frozen and runs both directions through Keras's own quantized path,
+    the adapter term added before the soft cap.
 
     Args:
         input_dim: Size of the vocabulary.
@@ -62,10 +66,12 @@ class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedd
 
     @staticmethod
     def _base_named_weights(layer):
+        # The table, an untied layer's reverse table, then the scales of
+        # quantized tables.
         named = [("embeddings", _keras.kernel_variable(layer))]
         if not layer.tie_weights:
             named.append(("reverse_embeddings", layer.reverse_embeddings))
-        return tuple(named)
+        return tuple(named) + quantization.quantized_weights(layer)
 
     def call(self, inputs, reverse=False, training=None):
         if not reverse:
@@ -76,6 +82,8 @@ class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedd
             return outputs
         if self.tie_weights:
             logits = self._tied_logits(inputs)
+        elif self.quantization_mode is not None:
+            logits = quantization.frozen_output(self, inputs, reverse=True)
         else:
             kernel = self.reverse_embeddings
             if self.reverse_dtype is not None:
@@ -89,13 +97,14 @@ class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedd
 
     def _tied_logits(self, inputs):
         """`inputs @ (E + delta_E)^T`, with `delta_E` kept factored."""
-        table = _keras.kernel_variable(self)
         h = ops.cast(inputs, ADAPTER_DTYPE)
         h = ops.matmul(h, ops.transpose(self.adalora_b))
         h = self._scale_components(h)
         delta = ops.matmul(h, ops.transpose(self.adalora_a))
-        dtype = self.reverse_dtype or self.compute_dtype
-        base = ops.matmul(
-            ops.cast(inputs, dtype), ops.cast(ops.transpose(table), dtype)
-        )
-        return ops.add(base, ops.cast(delta, dtype))
+        if self.quantization_mode is not None:
+            base = quantization.frozen_output(self, inputs, reverse=True)
+        else:
+            dtype = self.reverse_dtype or self.compute_dtype
+            table = ops.transpose(_keras.kernel_variable(self))
+            base = ops.matmul(ops.cast(inputs, dtype), ops.cast(table, dtype))
+        return ops.add(base, ops.cast(delta, base.dtype))
