@@ -3,6 +3,8 @@ LMs, each built from a tiny config: named targets, unchanged outputs at the
 start, the budget reached by `fit`, the adapter file on a fresh base, merge
 and `generate()`."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -60,6 +62,29 @@ def test_named_targets_pick_the_projections(family, target, per_block):
         assert not any("attention" in p for p in paths)
 
 
+def fit_with_budget(model, x, y, sample_weight):
+    """Three epochs of training with a `RankBudgetCallback` of average rank
+    1 (a causal LM keeps greedy sampling for `generate()`); the callback."""
+    callback = RankBudgetCallback(target_rank=1, tinit=2, tfinal=8, delta_t=2)
+    sampler = {"sampler": "greedy"} if hasattr(model, "generate") else {}
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+        **sampler,
+    )
+    model.fit(
+        x,
+        y,
+        sample_weight=sample_weight,
+        batch_size=4,
+        epochs=3,
+        callbacks=[callback],
+        verbose=0,
+    )
+    return callback
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_adapt_train_save_load_merge(family, tmp_path):
     build, ffn = FAMILIES[family]
@@ -79,23 +104,7 @@ def test_adapt_train_save_load_merge(family, tmp_path):
     head = [] if family != "bert" else model.get_layer("logits").trainable_weights
     assert len(model.trainable_weights) == adapter_weights + len(head)
 
-    callback = RankBudgetCallback(target_rank=1, tinit=2, tfinal=8, delta_t=2)
-    sampler = {} if family == "bert" else {"sampler": "greedy"}
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-        **sampler,
-    )
-    model.fit(
-        x,
-        y,
-        sample_weight=sample_weight,
-        batch_size=4,
-        epochs=3,
-        callbacks=[callback],
-        verbose=0,
-    )
+    callback = fit_with_budget(model, x, y, sample_weight)
     assert sum(get_rank_pattern(model).values()) == callback.target_budget
     assert callback.target_budget == len(layers)
     trained = to_numpy(model.predict(x, verbose=0))
@@ -235,22 +244,7 @@ def test_token_embeddings_share_the_budget_through_fit_files_and_merge(
         set() if tied else {"token_embedding/reverse_embeddings"}
     )
 
-    callback = RankBudgetCallback(target_rank=1, tinit=2, tfinal=8, delta_t=2)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[],
-        sampler="greedy",
-    )
-    model.fit(
-        x,
-        y,
-        sample_weight=sample_weight,
-        batch_size=4,
-        epochs=3,
-        callbacks=[callback],
-        verbose=0,
-    )
+    callback = fit_with_budget(model, x, y, sample_weight)
     layers = adapted_layers(model)
     assert (
         sum(get_rank_pattern(model).values()) == callback.target_budget == len(layers)
@@ -292,3 +286,63 @@ def test_token_embeddings_share_the_budget_through_fit_files_and_merge(
     )
     merged_tokens = model.generate(prompt, stop_token_ids=None)["token_ids"]
     np.testing.assert_array_equal(merged_tokens[:, :3], adapted_tokens[:, :3])
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_a_causal_lm_quantized_to_int8_adapts_with_its_token_embedding(
+    family, tmp_path
+):
+    """README's QLoRA example: `model.quantize("int8")`, then
+    `target=["all", "embeddings"]` (Gemma's table tied to the logits,
+    Llama's untied): outputs and `generate()` unchanged at the start, the
+    quantized weights never move, the exact budget, a `.keras` round trip,
+    and a merge that stays int8."""
+    keras.utils.set_random_seed(0)
+    model = FAMILIES[family][0]()
+    x, y, sample_weight = batch(family)
+    prompt = {
+        "token_ids": np.array([[3, 4, 5, 0, 0, 0, 0, 0]] * 2, "int32"),
+        "padding_mask": np.array([[1, 1, 1, 0, 0, 0, 0, 0]] * 2, bool),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers without `quantize`
+        model.quantize("int8")
+    model.compile(sampler="greedy")
+    before = to_numpy(model.predict(x, verbose=0))
+    before_tokens = model.generate(prompt, stop_token_ids=None)["token_ids"]
+    quantized = {v.path: to_numpy(v).copy() for v in model.weights}
+
+    apply_adalora(model, init_rank=4, target=["all", "embeddings"])
+    layers = adapted_layers(model)
+    assert {layer.quantization_mode for layer in layers} == {"int8"}
+    assert "token_embedding" in get_rank_pattern(model)
+    # (XLA may fuse the adapter's zero term differently: float32 round-off.)
+    np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), before, atol=1e-6)
+    np.testing.assert_array_equal(
+        model.generate(prompt, stop_token_ids=None)["token_ids"], before_tokens
+    )
+    assert all("adalora_" in v.path for v in model.trainable_weights)
+
+    callback = fit_with_budget(model, x, y, sample_weight)
+    assert sum(get_rank_pattern(model).values()) == callback.target_budget == len(layers)
+    for variable in model.weights:
+        if variable.path in quantized:
+            np.testing.assert_array_equal(
+                to_numpy(variable), quantized[variable.path], err_msg=variable.path
+            )
+    trained = to_numpy(model.predict(x, verbose=0))
+    moved = np.abs(trained - before).max()
+    assert moved > 1e-3
+
+    model.save(tmp_path / "lm.keras")
+    reloaded = keras.saving.load_model(tmp_path / "lm.keras")
+    assert reloaded.backbone.token_embedding.quantization_mode == "int8"
+    np.testing.assert_allclose(
+        to_numpy(reloaded.predict(x, verbose=0)), trained, atol=1e-5
+    )
+    with pytest.warns(UserWarning, match="re-quantized"):
+        merge_adalora(model)
+    embedding = model.backbone.token_embedding
+    assert type(embedding) is keras.layers.ReversibleEmbedding
+    assert embedding.quantization_mode == "int8"
+    assert np.abs(to_numpy(model.predict(x, verbose=0)) - trained).max() < 0.5 * moved
