@@ -104,7 +104,8 @@ def quantized_weights(layer):
     if layer.quantization_mode not in TRAINABLE_MODES:
         return ()
     trainable, non_trainable = _keras.own_variables(layer)
-    kernel = _keras.kernel_variable(layer)
+    # The prefixes leave out the kernel, table, reverse table and bias
+    # themselves ("kernel", "embeddings", "reverse_embeddings", "bias").
     prefixes = (
         "kernel_",
         "zero_point",
@@ -115,9 +116,7 @@ def quantized_weights(layer):
     return tuple(
         (variable.name, variable)
         for variable in trainable + non_trainable
-        if variable is not kernel
-        and variable is not getattr(layer, "bias", None)
-        and variable.name.startswith(prefixes)
+        if variable.name.startswith(prefixes)
     )
 
 
@@ -169,11 +168,10 @@ def _float_table(layer, table):
     of columns (grouped int4, with zero points)."""
     scale = ops.cast(ops.convert_to_tensor(layer.embeddings_scale), "float32")
     if layer.quantization_mode == "int8":
-        values = ops.cast(table, "float32")
-    else:
-        values = quantizers.unpack_int4(table, layer.output_dim, axis=-1)
-        values = ops.cast(values, "float32")
-    if _int4_block_size(layer) is None or layer.quantization_mode == "int8":
+        return ops.divide(ops.cast(table, "float32"), ops.expand_dims(scale, -1))
+    values = quantizers.unpack_int4(table, layer.output_dim, axis=-1)
+    values = ops.cast(values, "float32")
+    if _int4_block_size(layer) is None:
         return ops.divide(values, ops.expand_dims(scale, -1))
     groups = ops.cast(ops.convert_to_tensor(layer.g_idx), "int32")
     zero = ops.cast(ops.convert_to_tensor(layer.embeddings_zero), "float32")
