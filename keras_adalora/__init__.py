@@ -14,6 +14,7 @@ from keras_adalora.layers import AdaLoRAConv3D
 from keras_adalora.layers import AdaLoRADense
 from keras_adalora.layers import AdaLoRAEinsumDense
 from keras_adalora.layers import AdaLoRAEmbedding
+from keras_adalora.layers import AdaLoRAPositionEmbedding
 from keras_adalora.layers import AdaLoRAReversibleEmbedding
 from keras_adalora.optimizer import AdaLoRAOptimizer
 from keras_adalora.plotting import plot_rank_allocation
@@ -31,6 +32,7 @@ __all__ = [
     "AdaLoRAEinsumDense",
     "AdaLoRAEmbedding",
     "AdaLoRAOptimizer",
+    "AdaLoRAPositionEmbedding",
     "AdaLoRAReversibleEmbedding",
     "RankAllocator",
     "RankBudgetCallback",

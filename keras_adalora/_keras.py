@@ -53,9 +53,12 @@ def own_variables(layer):
 def kernel_variable(layer):
     """The variable behind a `Dense`/`EinsumDense` kernel or an `Embedding`
     table: their public `kernel`/`embeddings` are properties that an adapted
-    layer overrides with the merged value (Keras's LoRA does the same)."""
+    layer overrides with the merged value (Keras's LoRA does the same); a
+    KerasHub `PositionEmbedding` keeps its table in `position_embeddings`."""
     if hasattr(layer, "_embeddings"):
         return layer._embeddings
+    if hasattr(layer, "position_embeddings"):
+        return layer.position_embeddings
     return layer._kernel
 
 

@@ -238,7 +238,7 @@ def restore_adaptation(obj, record):
             (the code that builds it changed since the file was saved), or
             the record was written by a newer keras-adalora.
     """
-    from keras_adalora.targets import ADAPTER_FOR
+    from keras_adalora.layers import ADAPTED_CLASSES
 
     version = record.get("version", 0)
     if version > RECORD_VERSION:
@@ -266,7 +266,7 @@ def restore_adaptation(obj, record):
             "that builds this model changed since it was saved; load it "
             "with the version of that code it was saved with."
         )
-    by_name = {cls.__name__: cls for cls in ADAPTER_FOR.values()}
+    by_name = {cls.__name__: cls for cls in ADAPTED_CLASSES}
     for adapter in record["adapters"]:
         layer = layers[adapter["index"]]
         settings = {

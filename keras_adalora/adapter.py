@@ -429,6 +429,12 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
     supports_dropout = True
 
     @classmethod
+    def plain_class(cls):
+        """`wrapped_class`, or None while the package that defines it is not
+        imported (so that no layer of the model can be one)."""
+        return cls.wrapped_class
+
+    @classmethod
     def check_dropout(cls, dropout):
         if dropout and not cls.supports_dropout:
             raise ValueError(
@@ -500,9 +506,10 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 "first with `merge_adalora`."
             )
         if type(layer) is not cls.wrapped_class:
+            plain = cls.wrapped_class
             raise ValueError(
-                f"{cls.__name__} adapts `keras.layers."
-                f"{cls.wrapped_class.__name__}` layers; layer '{name}' is a "
+                f"{cls.__name__} adapts `{plain.__module__.split('.')[0]}."
+                f"layers.{plain.__name__}` layers; layer '{name}' is a "
                 f"{type(layer).__name__}, whose call() may differ. Leave it "
                 "out of `target`."
             )
@@ -626,6 +633,24 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 super(layers.Layer, self).__delattr__(attribute)
             _keras.swap_class(self, self.wrapped_class)
         return self
+
+
+class LookupTableMixin:
+    """What the adapted lookup tables (token and position embeddings) share:
+    the table is the adapter's matrix as it is, an input of row indices
+    (token ids, positions) picks rows of `A`, and dropout does not apply to
+    indices."""
+
+    supports_dropout = False
+
+    def _kernel_from_matrix(self, matrix):
+        return matrix
+
+    def _adapter_project_in(self, inputs, a):
+        return ops.take(a, inputs, axis=0)
+
+    def _adapter_project_out(self, h, b):
+        return ops.matmul(h, b)
 
 
 _ADAPTER_ATTRIBUTES = (

@@ -66,13 +66,15 @@ def apply_adalora(
             every transformer block; `"all"`: both; `"embeddings"`: the
             token embeddings (a KerasHub backbone's `token_embedding`, tied
             to the logits or not; in a model without one, every
-            `Embedding`). These names find the layers from the model's
-            structure, so they work on any KerasHub transformer, and mix:
-            `target=["all", "embeddings"]` shares one budget between all
-            three. A regular expression or a list of them (named sets may
-            be mixed in): the layers of an adaptable kind (`Dense`,
-            `EinsumDense`, `Embedding`, `ReversibleEmbedding`, `Conv1D`,
-            `Conv2D`, `Conv3D`) whose `layer.path` contains a match
+            `Embedding`); `"position_embeddings"` (opt-in): the learned
+            positions, every KerasHub `PositionEmbedding`. These names find
+            the layers from the model's structure, so they work on any
+            KerasHub transformer, and mix: `target=["all", "embeddings"]`
+            shares one budget between all three. A regular expression or a
+            list of them (named sets may be mixed in): the layers of an
+            adaptable kind (`Dense`, `EinsumDense`, `Embedding`,
+            `ReversibleEmbedding`, KerasHub's `PositionEmbedding`,
+            `Conv1D`, `Conv2D`, `Conv3D`) whose `layer.path` contains a match
             (`re.search`), so KerasHub's `enable_lora` names work too:
             `target=backbone.default_lora_layer_names()`. A callable
             `layer -> bool`: the layers of an adaptable kind it accepts (it

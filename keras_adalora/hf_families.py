@@ -143,6 +143,7 @@ FAMILIES = (
             "transformer_layer_{}/feedforward_output_dense": "encoder.layer.{}.output.dense",
             "pooled_dense": "pooler.dense",
             "segment_embedding": "embeddings.token_type_embeddings",
+            "position_embedding": "embeddings.position_embeddings",
         },
         tasks={
             "BertTextClassifier": Task(
@@ -176,6 +177,7 @@ FAMILIES = (
             "transformer_layer_{}/self_attention/attention_output": "h.{}.attn.c_proj",
             "transformer_layer_{}/feedforward_intermediate_dense": "h.{}.mlp.c_fc",
             "transformer_layer_{}/feedforward_output_dense": "h.{}.mlp.c_proj",
+            "position_embedding": "wpe",
         },
         tasks={
             "GPT2CausalLM": Task(

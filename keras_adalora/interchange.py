@@ -29,14 +29,14 @@ from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
 from keras_adalora.adapter import LAM_NAME
 from keras_adalora.adapter import MASK_NAME
+from keras_adalora.adapter import LookupTableMixin
 from keras_adalora.apply import freeze_all_but
 from keras_adalora.hf_families import identify
-from keras_adalora.layers import AdaLoRAEmbedding
 from keras_adalora.quantization import kernel_shape
 from keras_adalora.saving import _plan_adapter
 from keras_adalora.saving import _trained_layers
 from keras_adalora.saving import _weighted_layers
-from keras_adalora.targets import ADAPTER_FOR
+from keras_adalora.targets import adapter_classes
 from keras_adalora.targets import adapted_layers
 from keras_adalora.targets import layer_path
 from keras_adalora.targets import require_adapted_layers
@@ -161,7 +161,7 @@ def export_peft(model, directory, base_model_name_or_path=None, overwrite=True):
             continue
         name = prefix + module
         embedding = isinstance(
-            next(iter(entry["layers"].values())), AdaLoRAEmbedding
+            next(iter(entry["layers"].values())), LookupTableMixin
         )
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B")
@@ -507,7 +507,7 @@ def _plan_module(
     """Checks one module's factors against its layer (slice `part` of
     `parts`); returns what `adapt_in_place` needs."""
     where = f"`import_peft`: module '{module}' of the adapter in {directory!r}"
-    cls = ADAPTER_FOR.get(type(layer))
+    cls = adapter_classes().get(type(layer))
     if cls is None:
         raise ValueError(
             f"{where} belongs on layer '{path}', a {type(layer).__name__}, "

@@ -43,7 +43,8 @@ from keras_adalora.adapter import MASK_NAME
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.apply import freeze_all_but
 from keras_adalora.quantization import kernel_shape
-from keras_adalora.targets import ADAPTER_FOR
+from keras_adalora.targets import adaptable_kinds
+from keras_adalora.targets import adapter_classes
 from keras_adalora.targets import adapted_layers
 from keras_adalora.targets import layer_path
 from keras_adalora.targets import require_adapted_layers
@@ -327,7 +328,7 @@ def _match_layers(model, weighted, records, metadata, filepath):
 
 
 def _describe(layer):
-    adaptable = isinstance(layer, tuple(ADAPTER_FOR)) and layer.built
+    adaptable = isinstance(layer, adaptable_kinds()) and layer.built
     shape = f" with kernel {kernel_shape(layer)}" if adaptable else ""
     return f"'{layer_path(layer)}' ({type(layer).__name__}{shape})"
 
@@ -336,7 +337,7 @@ def _plan_adapter(record, layer, values):
     """Checks that `layer` can take the saved adapter; returns what
     `adapt_in_place` needs."""
     where = f"Adapter for layer '{record['path']}'"
-    cls = ADAPTER_FOR.get(type(layer))
+    cls = adapter_classes().get(type(layer))
     if cls is None or cls.wrapped_class.__name__ != record["base_class"]:
         raise ValueError(
             f"{where} (a {record['base_class']} with kernel "

@@ -8,7 +8,7 @@ from keras_adalora.targets import layer_roles
 from keras_adalora.targets import require_adapted_layers
 
 # Roles in the order `summary` reports them.
-_ROLES = ("embeddings", "attention", "ffn")
+_ROLES = ("embeddings", "position_embeddings", "attention", "ffn")
 
 # The projections of a transformer block in the order data flows through
 # them (query, key, value, attention output, then the feed-forward layers):
@@ -99,14 +99,14 @@ def adapter_table(model, caller="summary"):
     projections in data-flow order (see `block_grid`), then the others in
     model order.
 
-    Each record is a dict with `path`, `kind` (the adapted Keras class:
-    `Dense`, `EinsumDense` or `Embedding`), `shape` (`(d_in, d_out)`, the
+    Each record is a dict with `path`, `kind` (the class adapted: `Dense`,
+    `EinsumDense`, `Embedding`, `PositionEmbedding`, ...), `shape` (`(d_in, d_out)`, the
     kernel read as a matrix), `init_rank`, `stored_rank` (components the
     adapter holds: `init_rank`, or fewer once compacted), `active_rank`,
     `params` (parameters of the alive components: `active_rank *
     (d_in + d_out + 1)`, what a compacted adapter stores) and `role` (the
-    named target the layer belongs to: `"embeddings"`, `"attention"`,
-    `"ffn"`, or None).
+    named target the layer belongs to: `"embeddings"`,
+    `"position_embeddings"`, `"attention"`, `"ffn"`, or None).
     """
     records = []
     roles = layer_roles(model)

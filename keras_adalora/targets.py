@@ -8,9 +8,25 @@ import keras
 from keras_adalora import _keras
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.layers import ADAPTED_CLASSES
+from keras_adalora.layers import AdaLoRAPositionEmbedding
 
-# The adapted class for each plain Keras layer class.
-ADAPTER_FOR = {cls.wrapped_class: cls for cls in ADAPTED_CLASSES}
+
+def adapter_classes():
+    """`{plain layer class: adapted class}` for every kind AdaLoRA adapts
+    (KerasHub's `PositionEmbedding` once keras_hub is imported)."""
+    mapping = {}
+    for cls in ADAPTED_CLASSES:
+        plain = cls.plain_class()
+        if plain is not None:
+            mapping[plain] = cls
+    return mapping
+
+
+def adaptable_kinds():
+    """The plain layer classes AdaLoRA adapts, for `isinstance`."""
+    return tuple(adapter_classes())
+
+
 # What `target=None` adapts (SPEC.md section 6).
 DEFAULT_KINDS = (keras.layers.Dense, keras.layers.EinsumDense)
 # Names `target` understands besides regular expressions (see
@@ -24,6 +40,8 @@ NAMED_TARGETS = {
     "all": "'attention' and 'ffn' together",
     "embeddings": "the token embeddings (a KerasHub backbone's "
     "`token_embedding`; in a model without one, every Embedding layer)",
+    "position_embeddings": "the learned position embeddings (KerasHub "
+    "`PositionEmbedding` layers: GPT-2's, BERT's, ...)",
 }
 
 
@@ -92,12 +110,13 @@ def projection_roles(model):
     block's MLP). Other layers (embeddings, poolers, heads) get no role.
     """
     roles = {}
+    kinds = adaptable_kinds()
 
     def visit(layer, in_attention):
         children = list(_keras.sublayers(layer, include_self=False, recursive=False))
         block = any(is_attention_layer(child) for child in children)
         for child in children:
-            if isinstance(child, tuple(ADAPTER_FOR)):
+            if isinstance(child, kinds):
                 if in_attention:
                     roles[id(child)] = "attention"
                 elif block:
@@ -126,13 +145,29 @@ def token_embeddings(model):
     return [layer for layer in layers if isinstance(layer, keras.layers.Embedding)]
 
 
+def position_embeddings(model):
+    """The learned position embeddings of `model`: its KerasHub
+    `PositionEmbedding` layers, adapted or not."""
+    kinds = (AdaLoRAPositionEmbedding,)
+    plain = AdaLoRAPositionEmbedding.plain_class()
+    if plain is not None:
+        kinds += (plain,)
+    return [
+        layer
+        for layer in _keras.sublayers(model, include_self=True)
+        if type(layer) in kinds
+    ]
+
+
 def layer_roles(model):
-    """`{id(layer): "embeddings" | "attention" | "ffn"}`: the named target
-    each layer of `model` belongs to (`token_embeddings` and
-    `projection_roles`)."""
+    """`{id(layer): "embeddings" | "position_embeddings" | "attention" |
+    "ffn"}`: the named target each layer of `model` belongs to
+    (`token_embeddings`, `position_embeddings` and `projection_roles`)."""
     roles = projection_roles(model)
     for layer in token_embeddings(model):
         roles[id(layer)] = "embeddings"
+    for layer in position_embeddings(model):
+        roles[id(layer)] = "position_embeddings"
     return roles
 
 
@@ -199,7 +234,7 @@ def _holds_rank(layer, init_rank):
     (an unbuilt layer is left to `check_wrappable` to refuse)."""
     if not layer.built:
         return True
-    d_in, d_out = ADAPTER_FOR[type(layer)]._adapter_matrix_shape(layer)
+    d_in, d_out = adapter_classes()[type(layer)]._adapter_matrix_shape(layer)
     return init_rank <= min(d_in, d_out)
 
 
@@ -268,9 +303,10 @@ def select_layers(model, target, keep_trainable=None, init_rank=None):
             to_keep = to_keep + too_small
     else:
         predicate = _as_predicate(target, "target", model)
+        kinds = adaptable_kinds()
 
         def matches(layer):
-            if not isinstance(layer, tuple(ADAPTER_FOR)):
+            if not isinstance(layer, kinds):
                 # Targets pick among the layer kinds AdaLoRA adapts, so that
                 # "attention" does not also select the attention block's
                 # LayerNormalization, and a callable only sees layers it
@@ -293,7 +329,7 @@ def select_layers(model, target, keep_trainable=None, init_rank=None):
         raise ValueError(
             f"No layer matched `target`={target!r} (layers matched by "
             f"`keep_trainable` are never adapted).{hint} Adaptable layers in "
-            f"this model: {_sample_paths(l for l in layers if isinstance(l, tuple(ADAPTER_FOR)))}."
+            f"this model: {_sample_paths(l for l in layers if isinstance(l, adaptable_kinds()))}."
         )
     return to_adapt, to_keep
 
@@ -303,9 +339,9 @@ def adapter_class_for(layer):
     there is none."""
     if isinstance(layer, AdaLoRAAdapter):
         type(layer).check_wrappable(layer, layer.init_rank)  # raises
-    cls = ADAPTER_FOR.get(type(layer))
+    cls = adapter_classes().get(type(layer))
     if cls is None:
-        kinds = ", ".join(k.__name__ for k in ADAPTER_FOR)
+        kinds = ", ".join(k.__name__ for k in adaptable_kinds())
         raise ValueError(
             f"Layer '{layer_path(layer)}' is a {type(layer).__name__}; "
             f"AdaLoRA adapts plain {kinds} layers. Leave it out of `target`."

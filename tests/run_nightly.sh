@@ -23,4 +23,5 @@ import importlib.metadata as m
 print("=== nightly pass:", ", ".join(f"{p} {m.version(p)}" for p in ("keras-nightly", "keras-hub-nightly")), "===")
 PY
 echo "=== KERAS_BACKEND=${backend} (nightly) ==="
-KERAS_BACKEND="${backend}" python -m pytest -q -p no:cacheprovider --durations=15
+KERAS_BACKEND="${backend}" python -m pytest -q -p no:cacheprovider --durations=15 \
+    -n "${PYTEST_WORKERS:-2}" --dist loadfile

@@ -62,6 +62,33 @@ def test_named_targets_pick_the_projections(family, target, per_block):
         assert not any("attention" in p for p in paths)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_position_embeddings_are_opt_in_and_found_where_a_family_learns_them(family):
+    """BERT and GPT-2 learn their positions (a KerasHub `PositionEmbedding`);
+    Gemma and Llama rotate them, so there is nothing to adapt."""
+    model = FAMILIES[family][0]()
+    learned = family in ("bert", "gpt2")
+    apply_adalora(model, init_rank=2, target=["all", "embeddings"])
+    assert "position_embedding" not in get_rank_pattern(model)
+    model = FAMILIES[family][0]()
+    if not learned:
+        with pytest.raises(ValueError, match="'position_embeddings' selects"):
+            apply_adalora(model, init_rank=2, target="position_embeddings")
+        return
+    apply_adalora(model, init_rank=2, target="position_embeddings")
+    assert list(get_rank_pattern(model)) == ["position_embedding"]
+    layer = model.backbone.position_embedding
+    assert type(layer).__name__ == "AdaLoRAPositionEmbedding"
+    assert [v.name for v in layer.trainable_weights] == [
+        "adalora_A",
+        "adalora_lam",
+        "adalora_B",
+    ]
+    lines = []
+    keras_adalora.summary(model, print_fn=lines.append)
+    assert lines[-1].startswith("Rank by role: position_embeddings 2 of 2 (1 layer)")
+
+
 def fit_with_budget(model, x, y, sample_weight):
     """Three epochs of training with a `RankBudgetCallback` of average rank
     1 (a causal LM keeps greedy sampling for `generate()`); the callback."""
@@ -214,7 +241,9 @@ def test_token_embeddings_share_the_budget_through_fit_files_and_merge(
 ):
     """`target=["all", "embeddings"]` adapts the token embedding of a causal
     LM (tied to the logits in GPT-2 and Gemma, untied in Llama) beside the
-    projections, and one budget is shared between them."""
+    projections, and one budget is shared between them; GPT-2 adds its
+    learned position embeddings ("position_embeddings"), which `generate()`
+    reads from a `start_index` at every cached step."""
     model = FAMILIES[family][0]()
     x, y, sample_weight = batch(family)
     prompt = {
@@ -229,19 +258,26 @@ def test_token_embeddings_share_the_budget_through_fit_files_and_merge(
     tied = model.backbone.token_embedding.tie_weights
     assert tied == (family != "llama")
 
-    apply_adalora(model, init_rank=4, target=["all", "embeddings"])
+    positions = family == "gpt2"
+    target = ["all", "embeddings"] + (["position_embeddings"] if positions else [])
+    apply_adalora(model, init_rank=4, target=target)
     embedding = model.backbone.token_embedding
     assert type(embedding).__name__ == "AdaLoRAReversibleEmbedding"
     assert "token_embedding" in get_rank_pattern(model)
+    assert ("position_embedding" in get_rank_pattern(model)) == positions
     np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), before, atol=1e-5)
     np.testing.assert_array_equal(
         model.generate(prompt, stop_token_ids=None)["token_ids"], before_tokens
     )
-    frozen = {v.path for v in model.weights if "token_embedding" in v.path} - {
+    frozen = {v.path for v in model.weights if "_embedding/" in v.path} - {
         v.path for v in model.trainable_weights
     }
     assert frozen == {"token_embedding/embeddings", "token_embedding/rank_mask"} | (
         set() if tied else {"token_embedding/reverse_embeddings"}
+    ) | (
+        {"position_embedding/embeddings", "position_embedding/rank_mask"}
+        if positions
+        else set()
     )
 
     callback = fit_with_budget(model, x, y, sample_weight)
@@ -281,6 +317,9 @@ def test_token_embeddings_share_the_budget_through_fit_files_and_merge(
     )
     merge_adalora(model)
     assert type(model.backbone.token_embedding) is keras.layers.ReversibleEmbedding
+    if positions:
+        position = model.backbone.position_embedding
+        assert type(position) is keras_hub.layers.PositionEmbedding
     np.testing.assert_allclose(
         to_numpy(model.predict(x, verbose=0)), trained, atol=1e-4
     )

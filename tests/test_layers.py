@@ -8,9 +8,15 @@ from helpers import to_numpy
 from keras_adalora import AdaLoRADense
 from keras_adalora import AdaLoRAEinsumDense
 from keras_adalora import AdaLoRAEmbedding
+from keras_adalora import AdaLoRAPositionEmbedding
 from keras_adalora.layers.einsum_dense import EinsumMatrixView
 from keras_adalora.regularizers import orthogonality_penalty
-from keras_adalora.targets import ADAPTER_FOR
+from keras_adalora.targets import adapter_classes
+
+try:
+    import keras_hub
+except ImportError:  # an optional dependency: its layer's cases drop out
+    keras_hub = None
 
 RNG = np.random.default_rng(0)
 
@@ -67,6 +73,11 @@ CASES = {
         RNG.normal(size=(1, 4, 5, 4, 6)),
     ),
 }
+if keras_hub is not None:
+    CASES["position_embedding"] = (
+        lambda: keras_hub.layers.PositionEmbedding(sequence_length=9),
+        RNG.normal(size=(2, 7, 12)),
+    )
 
 
 def built_pair(case, init_rank=3):
@@ -74,7 +85,7 @@ def built_pair(case, init_rank=3):
     x = x.astype("float32") if x.dtype.kind == "f" else x.astype("int32")
     base = factory()
     base(x)
-    adapted = ADAPTER_FOR[type(base)].from_layer(base, init_rank=init_rank)
+    adapted = adapter_classes()[type(base)].from_layer(base, init_rank=init_rank)
     return base, adapted, x
 
 
@@ -82,6 +93,8 @@ def plain_call(layer, kernel, x):
     """The plain Keras computation with an explicit kernel."""
     if isinstance(layer, keras.layers.Embedding):
         return to_numpy(kernel)[x]
+    if isinstance(layer, AdaLoRAPositionEmbedding):
+        return np.broadcast_to(to_numpy(kernel)[: x.shape[-2]], x.shape)
     if isinstance(
         layer, keras.layers.Conv1D | keras.layers.Conv2D | keras.layers.Conv3D
     ):
@@ -226,7 +239,9 @@ def test_penalty_is_added_to_losses_in_training_only():
 
 
 @pytest.mark.parametrize(
-    "case", ["dense", "einsum_output", "embedding", "conv1d_causal", "conv2d_grouped"]
+    "case",
+    ["dense", "einsum_output", "embedding", "conv1d_causal", "conv2d_grouped"]
+    + (["position_embedding"] if keras_hub is not None else []),
 )
 def test_config_round_trip_rebuilds_the_same_layer(case):
     _, adapted, x = built_pair(case)
@@ -263,6 +278,30 @@ def test_init_rank_above_the_kernel_rank_is_refused_at_build():
 def test_embedding_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
         AdaLoRAEmbedding(10, 4, init_rank=2, dropout=0.1)
+
+
+@pytest.mark.skipif(keras_hub is None, reason="needs keras-hub")
+def test_position_embedding_follows_start_index_and_positions_and_refuses_dropout():
+    """KerasHub's call arguments (`start_index` in cached decoding, explicit
+    `positions`) pick the adapter's rows as they pick the table's."""
+    base, adapted, x = built_pair("position_embedding")
+    adapted.adalora_lam.assign(np.array([0.5, -1.0, 2.0], "float32"))
+    merged = keras_hub.layers.PositionEmbedding(sequence_length=9)
+    merged(x)
+    merged.position_embeddings.assign(adapted.merged_kernel())
+    for kwargs in (
+        {"start_index": 2},
+        {"positions": np.array([4, 0, 8, 1, 1, 3, 2], "int32")},
+        {"positions": np.array([[0, 1, 2, 3, 4, 5, 6], [2, 3, 4, 5, 6, 7, 8]], "int32")},
+    ):
+        np.testing.assert_allclose(
+            to_numpy(adapted(x, **kwargs)), to_numpy(merged(x, **kwargs)), atol=1e-6
+        )
+    assert not np.allclose(to_numpy(adapted(x)), to_numpy(base(x)))
+    with pytest.raises(ValueError, match="dropout"):
+        AdaLoRAPositionEmbedding(9, init_rank=2, dropout=0.1)
+    with pytest.raises(ValueError, match="sequence_length"):
+        AdaLoRAPositionEmbedding(None, init_rank=2)
 
 
 def test_adapter_dropout_only_acts_in_training():
@@ -314,7 +353,7 @@ def test_reversible_embedding_logits_use_the_adapted_table_when_tied(tie_weights
     hidden = RNG.normal(size=(2, 4, 8)).astype("float32")
     base(ids)
     before = to_numpy(base(hidden, reverse=True))
-    adapted = ADAPTER_FOR[type(base)].from_layer(base, init_rank=3)
+    adapted = adapter_classes()[type(base)].from_layer(base, init_rank=3)
     np.testing.assert_allclose(to_numpy(adapted(hidden, reverse=True)), before, atol=1e-6)
     adapted.adalora_lam.assign(RNG.normal(size=(3,)).astype("float32"))
     table = to_numpy(adapted.merged_kernel())

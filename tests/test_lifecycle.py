@@ -114,7 +114,7 @@ def test_a_merged_keras_hub_model_loads_as_any_keras_hub_model(tmp_path):
     untouched.save(tmp_path / "untouched.keras")  # never saw keras_adalora
 
     model = hub_models.bert()
-    apply_adalora(model, init_rank=4, target="all")
+    apply_adalora(model, init_rank=4, target=["all", "position_embeddings"])
     model.compile(
         optimizer=keras.optimizers.AdamW(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -173,7 +173,11 @@ def test_keras_hub_models_reload_adapted_trained_and_compacted(tmp_path):
     expected = {}
     for family in sorted(hub_models.FAMILIES):
         model = hub_models.FAMILIES[family][0]()
-        apply_adalora(model, init_rank=4, target="all")
+        # BERT's and GPT-2's learned positions too (a KerasHub layer that a
+        # process importing keras_adalora before keras_hub must still load).
+        learned = family in ("bert", "gpt2")
+        target = ["all"] + (["position_embeddings"] if learned else [])
+        apply_adalora(model, init_rank=4, target=target)
         x, y, sample_weight = hub_models.batch(family)
         model.compile(
             optimizer=keras.optimizers.Adam(1e-2),
@@ -228,6 +232,9 @@ def test_keras_hub_models_reload_adapted_trained_and_compacted(tmp_path):
         assert result["warnings"] == [], family
         assert result["gap"] == 0.0, family
         assert result["pattern"] == want["pattern"], family
+        assert ("position_embedding" in want["pattern"]) == (
+            family in ("bert", "gpt2")
+        ), family
         assert result["stored"] == want["stored"], family
         assert result["trainable"] == want["trainable"], family
         assert result["optimizer"] == "AdaLoRAOptimizer", family
@@ -583,10 +590,14 @@ def test_a_callable_target_is_only_asked_about_layers_it_could_adapt():
 
     model = apply_adalora(hub_models.bert(), init_rank=2, target=target)
     assert len(get_rank_pattern(model)) == 12
-    assert seen and all(
-        isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding))
-        for layer in seen
+    kinds = (
+        keras.layers.Dense,
+        keras.layers.EinsumDense,
+        keras.layers.Embedding,
+        hub_models.keras_hub.layers.PositionEmbedding,
     )
+    assert seen and all(isinstance(layer, kinds) for layer in seen)
+    assert any(type(layer) is kinds[-1] for layer in seen)  # BERT's positions
 
 
 def test_rebuilding_the_optimizer_keeps_weight_decay_exclusions_and_state():

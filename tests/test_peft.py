@@ -100,10 +100,14 @@ def test_export_loads_in_peft_and_computes_the_same(family, tmp_path):
 
     checkpoint = hf_models.save_checkpoint(family, str(tmp_path / "base"))
     task = hf_models.keras_task(family, checkpoint)
-    apply_adalora(task, init_rank=3, target="all")
+    # BERT's and GPT-2's learned positions go to their nn.Embedding too.
+    learned = family in ("bert", "gpt2")
+    target = ["all"] + (["position_embeddings"] if learned else [])
+    apply_adalora(task, init_rank=3, target=target)
     train_with_callback(task, family)
     ranks = get_rank_pattern(task)
     assert 0 < sum(ranks.values()) < 3 * len(ranks)  # pruned, not all gone
+    assert ("position_embedding" in ranks) == learned
 
     config = export_peft(
         task, tmp_path / "adapter", base_model_name_or_path=checkpoint
@@ -171,8 +175,14 @@ def peft_train(model, family, steps=6, allocate=None):
 
 
 LORA_TARGETS = {
-    "bert": ["query", "value", "intermediate.dense", "token_type_embeddings"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bert": [
+        "query",
+        "value",
+        "intermediate.dense",
+        "token_type_embeddings",
+        "position_embeddings",
+    ],
+    "gpt2": ["c_attn", "mlp.c_proj", "wpe"],
     "llama": ["q_proj", "v_proj", "down_proj"],
     "mistral": ["k_proj", "o_proj", "gate_proj"],
     "gemma": ["q_proj", "up_proj"],
@@ -207,7 +217,7 @@ def test_import_of_a_peft_lora_adapter_trained_in_torch(family, tmp_path):
         assert ranks["transformer_layer_1/self_attention/query"] == 2
         assert ranks["transformer_layer_0/self_attention/query"] == 4
     for path, rank in ranks.items():
-        if "embedding" in path:  # segment 1 never seen: row 1 untrained
+        if path == "segment_embedding":  # segment 1 never seen: row 1 untrained
             assert 1 <= rank <= 2
         elif path != "transformer_layer_1/self_attention/query":
             assert rank == 4, path

@@ -7,10 +7,11 @@ from keras import ops
 from keras_adalora import _keras
 from keras_adalora import quantization
 from keras_adalora.adapter import AdaptedLayerMixin
+from keras_adalora.adapter import LookupTableMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_adalora")
-class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
+class AdaLoRAEmbedding(LookupTableMixin, AdaptedLayerMixin, keras.layers.Embedding):
     """An `Embedding` layer with a frozen table and an AdaLoRA adapter.
 
     The table `E (input_dim, output_dim)` is frozen; the layer learns
@@ -48,7 +49,6 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
     """
 
     wrapped_class = keras.layers.Embedding
-    supports_dropout = False
 
     def __init__(
         self,
@@ -75,15 +75,6 @@ class AdaLoRAEmbedding(AdaptedLayerMixin, keras.layers.Embedding):
 
     def _adapter_matrix_shape(self):
         return quantization.kernel_shape(self)
-
-    def _kernel_from_matrix(self, matrix):
-        return matrix
-
-    def _adapter_project_in(self, inputs, a):
-        return ops.take(a, inputs, axis=0)
-
-    def _adapter_project_out(self, h, b):
-        return ops.matmul(h, b)
 
     @property
     def embeddings(self):
