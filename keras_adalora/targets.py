@@ -303,7 +303,9 @@ def select_layers(model, target, keep_trainable=None, init_rank=None):
             to_keep = to_keep + too_small
     else:
         predicate = _as_predicate(target, "target", model)
-        kinds = adaptable_kinds()
+        # Adapted layers too (an `AdaLoRAPositionEmbedding` is no subclass
+        # of KerasHub's layer), so that adapting one again is reported.
+        kinds = adaptable_kinds() + (AdaLoRAAdapter,)
 
         def matches(layer):
             if not isinstance(layer, kinds):

@@ -87,6 +87,8 @@ def test_position_embeddings_are_opt_in_and_found_where_a_family_learns_them(fam
     lines = []
     keras_adalora.summary(model, print_fn=lines.append)
     assert lines[-1].startswith("Rank by role: position_embeddings 2 of 2 (1 layer)")
+    with pytest.raises(ValueError, match="already adapted"):
+        apply_adalora(model, init_rank=2, target="position_embeddings")
 
 
 def fit_with_budget(model, x, y, sample_weight):
