@@ -132,9 +132,6 @@ class AdaLoRAPositionEmbedding(
     def _base_named_weights(layer):
         return (("embeddings", layer.position_embeddings),)
 
-    def _base_kernel_variable(self):
-        return self.position_embeddings
-
     def _adapter_matrix_shape(self):
         return tuple(self.position_embeddings.shape)
 
