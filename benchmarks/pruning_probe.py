@@ -164,8 +164,8 @@ def main(argv=None):
         callbacks.insert(0, keras_adalora.RankBudgetCallback(
             target_rank=target, **settings["schedule"], **extra))
     x_fit, y_fit = splits["fit"]
-    total_steps = settings["epochs"] * -(-len(y_fit) // settings["batch_size"])
-    workers.compile_model(model, args.learning_rate, settings["lr_schedule"], total_steps)
+    workers.compile_model(model, args.learning_rate, settings["lr_schedule"],
+                          workers.fit_steps(settings, len(y_fit)))
     model.fit(workers._batches(x_fit, y_fit, settings["batch_size"], args.seed),
               epochs=settings["epochs"], verbose=0, callbacks=callbacks)
     loss, accuracy = score()

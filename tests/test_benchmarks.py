@@ -272,7 +272,7 @@ def test_pruning_probe_scores_each_mask_update_before_and_after(tmp_path):
     assert "over 1 updates" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["protocol", "stats", "data", "report"])
+@pytest.mark.parametrize("name", ["protocol", "stats", "data", "report", "workers"])
 def test_docstring_examples_hold(name):
     import doctest
     import importlib

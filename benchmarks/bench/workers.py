@@ -149,6 +149,15 @@ def step_timer():
     return StepTimer()
 
 
+def fit_steps(settings, fit_examples):
+    """Optimizer steps of one run: `epochs` passes over the fit split.
+
+    >>> fit_steps({"epochs": 4, "batch_size": 16}, 640), fit_steps({"epochs": 1, "batch_size": 8}, 17)
+    (160, 3)
+    """
+    return settings["epochs"] * -(-fit_examples // settings["batch_size"])
+
+
 def learning_rate_of(peak, schedule, total_steps):
     """The optimizer's learning rate: `peak` throughout (`constant`), or a
     linear warm-up from 0 over `warmup_fraction` of `total_steps` to `peak`
@@ -249,8 +258,7 @@ def quality(spec):
     record["trainable_params_training"] = count(model.trainable_weights)
 
     x_fit, y_fit = splits["fit"]
-    total_steps = s["epochs"] * -(-len(y_fit) // s["batch_size"])
-    compile_model(model, rate, s.get("lr_schedule"), total_steps)
+    compile_model(model, rate, s.get("lr_schedule"), fit_steps(s, len(y_fit)))
     fit_started = time.perf_counter()
     history = model.fit(
         _batches(x_fit, y_fit, s["batch_size"], seed),
