@@ -8,8 +8,9 @@ the `train` split, the test e-mails are the whole `test` split (1,209).
 
 For each task, method and budget (the average final rank per layer: `low`
 2, `mid` 8), every learning rate of the method's grid trains on the fit
-split and is scored on validation; the best trains on every seed and is
-scored on test once. The report pairs seeds: AdaLoRA minus each baseline,
+split with each selection seed and is scored on validation; a rate that
+collapsed to the majority class on any of them is ruled out, the best of
+the rest trains on every seed and is scored on test once. The report pairs seeds: AdaLoRA minus each baseline,
 mean and 95% t interval. Each run is a subprocess (its peak RSS is read
 from `os.wait4`); results go to `<out>/results/<backend>.json`, the report
 to `<out>/RESULTS.md` (its prose lives in `bench/report.md`).
@@ -22,6 +23,7 @@ to `<out>/RESULTS.md` (its prose lives in `bench/report.md`).
 
 The code: `bench/protocol.py` (what is compared), `bench/data.py`,
 `bench/workers.py` (one run), `bench/runner.py` (which runs),
+`bench/selection.py` (the choice on validation),
 `bench/stats.py` (paired intervals), `bench/report.py` (RESULTS.md).
 """
 
@@ -64,7 +66,9 @@ def parse_args(argv=None):
                         + ", ".join(VARIANTS))
     parser.add_argument("--seeds", type=int, default=5, help="test seeds 0..N-1")
     parser.add_argument("--select-seeds", type=int, default=1,
-                        help="seeds per learning rate on validation")
+                        help="seeds per learning rate on validation; a rate where any "
+                        "of them collapses to the majority class is ruled out "
+                        "(bench/selection.py)")
     parser.add_argument("--select-only", action="store_true",
                         help="only the validation stage")
     parser.add_argument("--fit-examples", type=int, default=640)

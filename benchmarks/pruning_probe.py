@@ -67,7 +67,6 @@ def main(argv=None):
 
     import keras_adalora
     from bench import runner, workers
-    from keras_adalora.adapter import AdaLoRAAdapter
 
     settings = compare.settings_of(compare.parse_args(
         ["--lr-schedule", args.lr_schedule] + (["--smoke"] if args.smoke else [])))
@@ -82,14 +81,7 @@ def main(argv=None):
     model = workers.classifier(spec, len(splits["classes"]))
     target = BUDGETS[args.budget]
     init = init_rank_of(target) if args.method == "adalora" else target
-    adalora_args = VARIANTS[args.variant]["adalora"]
-    keras_adalora.apply_adalora(
-        model, init_rank=init, target="all",
-        orth_reg_weight=adalora_args.get("orth_reg_weight", 0.1),
-    )
-    workers.set_scale(model, adalora_args.get("scale", "sqrt"))
-    layers = [l for l in model._flatten_layers(include_self=False)
-              if isinstance(l, AdaLoRAAdapter)]
+    layers = workers.adapt(model, init, VARIANTS[args.variant]["adalora"])
     x_val, y_val = splits["validation"]
 
     def score():

@@ -25,6 +25,7 @@ SCRIPT = REPO / "benchmarks" / "compare.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench import report  # noqa: E402
+from bench import selection  # noqa: E402
 from bench import stats  # noqa: E402
 from bench.data import fit_validation_index  # noqa: E402
 from bench.protocol import cells  # noqa: E402
@@ -74,9 +75,47 @@ def test_pick_best_takes_accuracy_then_loss_then_order():
         {"val_accuracy": 0.92, "val_loss": 0.35, "id": 2},
         {"val_accuracy": 0.92, "val_loss": 0.35, "id": 3},
     ]
-    assert stats.pick_best(c)["id"] == 2
+    assert selection.pick_best(c)["id"] == 2
+    # A collapsed candidate is passed over, however good its mean; where all
+    # collapsed the best of them is still returned.
+    c[2]["collapsed"] = c[3]["collapsed"] = True
+    assert selection.pick_best(c)["id"] == 1
+    assert selection.pick_best([dict(x, collapsed=True) for x in c])["id"] == 2
     with pytest.raises(ValueError, match="at least one"):
-        stats.pick_best([])
+        selection.pick_best([])
+
+
+def _selection_record(rate, seed, accuracy, loss=0.2, majority=0.413):
+    return {"task": "source", "method": "uniform", "budget": "mid", "variant": "rank-free",
+            "learning_rate": rate, "seed": seed, "val_accuracy": accuracy,
+            "val_loss": loss, "val_majority_accuracy": majority}
+
+
+def test_choose_rules_out_a_rate_that_collapsed_on_any_selection_seed():
+    # What the source task's control did: the top rate best on seed 0 and
+    # at the majority share on seed 2.
+    records = [_selection_record(rate, seed, acc) for rate, accs in
+               [(2e-3, (0.62, 0.61, 0.60)), (4e-3, (0.66, 0.65, 0.67)),
+                (8e-3, (0.69, 0.68, 0.413))] for seed, acc in enumerate(accs)]
+    cell, grid = ("source", "uniform", "mid"), [2e-3, 4e-3, 8e-3]
+    # One selection seed cannot see it; three can.
+    assert selection.choose(records, cell, ["rank-free"], grid, [0])["learning_rate"] == 8e-3
+    best = selection.choose(records, cell, ["rank-free"], grid, [0, 1, 2])
+    assert best["learning_rate"] == 4e-3 and not best["all_collapsed"]
+    found = {c["learning_rate"]: c for c in
+             selection.candidates(records, cell, ["rank-free"], grid, [0, 1, 2])}
+    assert found[8e-3]["collapsed_seeds"] == [2] and found[8e-3]["collapsed"]
+    assert found[8e-3]["worst_val_accuracy"] == 0.413
+    assert found[4e-3]["val_accuracy"] == pytest.approx(0.66)
+    # A candidate missing a selection seed is not compared on fewer seeds.
+    partial = [r for r in records if not (r["learning_rate"] == 4e-3 and r["seed"] == 2)]
+    assert selection.choose(partial, cell, ["rank-free"], grid, [0, 1, 2])["learning_rate"] == 2e-3
+    # Every candidate collapsed somewhere: the best is used, and flagged.
+    everywhere = records + [_selection_record(r, 3, 0.413) for r in grid]
+    worst = selection.choose(everywhere, cell, ["rank-free"], grid, [0, 1, 2, 3])
+    assert worst["all_collapsed"] and worst["learning_rate"] == 4e-3  # mean 0.598
+    with pytest.raises(ValueError, match="every selection seed \\[0, 1, 2, 3, 4\\]"):
+        selection.choose(records, cell, ["rank-free"], grid, range(5))
 
 
 def test_fit_validation_split_is_stratified_disjoint_and_complete():
@@ -92,6 +131,13 @@ def test_cells_give_budgets_only_to_budgeted_methods():
     got = cells(["spam", "source"], ["adalora", "full"], ["low", "mid"])
     assert ("spam", "full", None) in got and ("source", "adalora", "mid") in got
     assert len(got) == 2 * (2 + 1)
+
+
+def _settings(grids):
+    """The settings of a results file, for reports from made-up records."""
+    return {"fit_examples": 640, "validation_examples": 300, "test_examples": None,
+            "sequence_length": 32, "batch_size": 16, "epochs": 4, "optimizer": "AdamW",
+            "schedule": {}, "grids": grids, "smoke": False}
 
 
 def _record(task, method, budget, seed, accuracy, **extra):
@@ -113,10 +159,7 @@ def test_report_pairs_seeds_lists_what_is_missing_and_keeps_notes(tmp_path):
     data = {
         "backend": "jax", "runs": runs, "selection": selection, "speed": None,
         "commands": [{"command": "python benchmarks/compare.py", "date": "today"}],
-        "settings": {"fit_examples": 640, "validation_examples": 300,
-                     "test_examples": None, "sequence_length": 32, "batch_size": 16,
-                     "epochs": 4, "optimizer": "AdamW", "schedule": {},
-                     "grids": {"adalora": [2e-3, 4e-3]}, "smoke": False},
+        "settings": _settings({"adalora": [2e-3, 4e-3]}),
     }
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "jax.json").write_text(json.dumps(data))
@@ -155,10 +198,7 @@ def test_learning_rate_schedules_warm_up_then_decay_to_zero_or_stay_constant():
 
 
 def test_report_shows_an_archived_protocol_after_the_current_one(tmp_path):
-    settings = {"fit_examples": 640, "validation_examples": 300, "test_examples": None,
-                "sequence_length": 32, "batch_size": 16, "epochs": 4,
-                "optimizer": "AdamW", "schedule": {}, "grids": {"adalora": [2e-3]},
-                "smoke": False}
+    settings = _settings({"adalora": [2e-3]})
     current = {"backend": "jax", "selection": [], "speed": None, "commands": [],
                "runs": [_record("spam", "adalora", "low", 0, 0.95)],
                "settings": dict(settings, lr_schedule={"name": "cosine",
@@ -180,6 +220,97 @@ def test_report_shows_an_archived_protocol_after_the_current_one(tmp_path):
     assert "0.950" in text[now:then] and "0.910" in text[then:]
     assert "[r](plots/old/r.png)" in text
     assert "Not measured" not in text[then:]  # no commands for a closed protocol
+
+
+def test_report_tables_hold_the_runs_at_the_current_choice_only(tmp_path):
+    # Two test seeds made at 8e-3 when one selection seed chose it, then a
+    # third selection seed saw it collapse and the runner chose 4e-3.
+    selection_records = [_selection_record(rate, seed, acc) for rate, accs in
+                         [(4e-3, (0.66, 0.65, 0.67)), (8e-3, (0.69, 0.68, 0.413))]
+                         for seed, acc in enumerate(accs)]
+    runs = [dict(_record("source", "uniform", "mid", s, a), learning_rate=8e-3,
+                 variant="rank-free") for s, a in [(0, 0.71), (1, 0.414)]]
+    runs += [dict(_record("source", "uniform", "mid", s, a), learning_rate=4e-3,
+                  variant="rank-free") for s, a in [(0, 0.66), (1, 0.64)]]
+    runs += [dict(_record("source", "adalora", "mid", s, a), variant="rank-free",
+                  plot=f"ranks_seed{s}.png") for s, a in [(0, 0.70), (1, 0.68)]]
+    data = {
+        "backend": "jax", "runs": runs, "selection": selection_records, "speed": None,
+        "commands": [], "choices": {"source-uniform-mid": {
+            "variant": "rank-free", "learning_rate": 4e-3, "variants": ["rank-free"],
+            "seeds": [0, 1, 2], "all_collapsed": False}},
+        "settings": _settings({"uniform": [4e-3, 8e-3]}),
+    }
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "jax.json").write_text(json.dumps(data))
+    report.write(tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 0.004 (rank-free) | 1,000 | 0.650 ± 0.014 (2) | 0.660, 0.640 |" in text
+    assert "0.414" not in text.split("### Choices")[0]  # the 8e-3 seed is not in a table
+    d = stats.paired_difference({0: 0.70, 1: 0.68}, {0: 0.66, 1: 0.64})
+    assert f"| source | mid (avg rank 8) | uniform | 2 | {d['mean']:+.3f} |" in text
+    assert "earlier choice" in text and "source-uniform-mid at 0.008 (rank-free), 2 seeds" in text
+    assert text.count("ranks_seed0") == 2  # one link: [name](path)
+    # The selection table: the chosen rate in bold, the collapse shown.
+    assert "| **0.004** | 3 | **0.660** | 0.650 | 0.200 | - |" in text
+    assert "| 0.008 | 3 | 0.594 | 0.413 | 0.200 | seed 2 |" in text
+
+
+def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path, monkeypatch):
+    # The runner's two stages with the training replaced by a table of
+    # validation scores: 8e-3 wins on seed 0 and collapses on seed 2.
+    import compare
+    from bench import runner as runner_module
+
+    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.69, 0.68, 0.413)}
+    trained = []
+
+    def fake_child(spec, workdir, backend):
+        trained.append((spec["learning_rate"], spec["seed"], spec["evaluate_test"]))
+        acc = val[spec["learning_rate"]][spec["seed"]]
+        record = {k: spec[k] for k in ("task", "method", "budget", "seed", "learning_rate",
+                                       "variant")}
+        record.update(val_accuracy=acc, val_loss=1.0 - acc, val_majority_accuracy=0.413,
+                      majority_accuracy=0.414, trainable_params_final=1000,
+                      median_step_seconds=0.4, classes=list("abcde"))
+        if spec["evaluate_test"]:
+            record.update(test_accuracy=acc - 0.01, test_loss=1.0)
+        return record, 1500.0, 1.0
+
+    monkeypatch.setattr(runner_module, "run_child", fake_child)
+    monkeypatch.setattr(runner_module, "minilm_preset", lambda: "preset")
+
+    def main(select_seeds):
+        argv = ["--tasks", "source", "--methods", "uniform", "--budgets", "mid",
+                "--variants", "rank-free", "--seeds", "3", "--backend", "jax", "--select-seeds",
+                str(select_seeds), "--out", str(tmp_path)]
+        args = compare.parse_args(argv)
+        r = runner_module.Runner(args, compare.settings_of(args))
+        r.main("python benchmarks/compare.py " + " ".join(argv))
+        return r.data
+
+    data = main(1)
+    assert data["choices"]["source-uniform-mid"]["learning_rate"] == 8e-3
+    assert sorted(trained) == sorted([(r, 0, False) for r in val] + [(8e-3, s, True) for s in range(3)])
+    trained.clear()
+    data = main(3)
+    # Seeds 1 and 2 of the selection: 8e-3's come from its test runs (the same
+    # training), the other rates train; the collapse on seed 2 rules 8e-3 out.
+    assert sorted(t for t in trained if not t[2]) == [(2e-3, 1, False), (2e-3, 2, False),
+                                                      (4e-3, 1, False), (4e-3, 2, False)]
+    reused = [r for r in data["selection"] if r.get("from_test_run")]
+    assert sorted(r["seed"] for r in reused) == [1, 2]
+    assert all("test_accuracy" not in r for r in data["selection"])
+    choice = data["choices"]["source-uniform-mid"]
+    assert choice["learning_rate"] == 4e-3 and choice["seeds"] == [0, 1, 2]
+    assert sorted(t for t in trained if t[2]) == [(4e-3, s, True) for s in range(3)]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| 0.004 (rank-free) | 1,000 | 0.650 ± 0.010 (3) |" in text
+    assert "source-uniform-mid at 0.008 (rank-free), 3 seeds" in text
+    # Nothing is trained twice on a third call.
+    trained.clear()
+    main(3)
+    assert trained == []
 
 
 # ---------------------------------------------------------------------------
@@ -220,8 +351,14 @@ def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
     runs = {(r["method"], r["seed"]): r for r in data["runs"]}
     assert set(runs) == {(m, s) for m in ("adalora", "uniform") for s in (0, 1)}
     for (method, _), run in runs.items():
-        best = stats.pick_best([r for r in data["selection"] if r["method"] == method])
+        best = selection.choose(data["selection"], ("spam", method, "low"), ["rank-free"],
+                                data["settings"]["grids"][method], [0])
         assert run["learning_rate"] == best["learning_rate"]
+        assert data["choices"][f"spam-{method}-low"]["learning_rate"] == best["learning_rate"]
+        # The majority share of the 8 validation e-mails, whatever the run.
+        share = run["val_majority_accuracy"]
+        assert 0.5 <= share < 1 and (share * 8) == round(share * 8)
+        assert all(r["val_majority_accuracy"] == share for r in data["selection"])
         assert 0.0 <= run["test_accuracy"] <= 1.0 and run["peak_rss_mb"] > 100
         assert run["trainable_params_final"] == run["adapter_params"] + run["head_params"]
     # AdaLoRA pruned to the budget (36 layers x average rank 2) from rank 3;
@@ -272,7 +409,7 @@ def test_pruning_probe_scores_each_mask_update_before_and_after(tmp_path):
     assert "over 1 updates" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["protocol", "stats", "data", "report", "workers"])
+@pytest.mark.parametrize("name", ["protocol", "stats", "selection", "data", "report", "workers"])
 def test_docstring_examples_hold(name):
     import doctest
     import importlib

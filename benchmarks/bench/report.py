@@ -10,6 +10,7 @@ import json
 import pathlib
 import string
 
+from . import selection
 from . import stats
 from .protocol import BUDGETS, METHODS, TASKS, VARIANTS, cell_name, cells, init_rank_of
 
@@ -52,6 +53,59 @@ def _group(records):
     for r in records:
         out.setdefault((r["task"], r["method"], r.get("budget")), []).append(r)
     return out
+
+
+def _config(record):
+    return (record.get("variant") or "sqrt", record["learning_rate"])
+
+
+def chosen_configs(data):
+    """`{(task, method, budget): (variant, learning rate)}`: the choice the
+    runner stored for each cell, or, for results from before it stored
+    them, the configuration of the cell's latest test run."""
+    out = {}
+    for r in data.get("runs", []):
+        out[(r["task"], r["method"], r.get("budget"))] = _config(r)
+    stored = data.get("choices", {})
+    for cell in list(out) + [c for c in cells(TASKS, METHODS, BUDGETS) if c not in out]:
+        if cell_name(*cell) in stored:
+            c = stored[cell_name(*cell)]
+            out[cell] = (c["variant"], c["learning_rate"])
+    return out
+
+
+def current_runs(data):
+    """`(groups, superseded)`: the test runs at each cell's chosen
+    configuration, grouped by cell, and those made at an earlier choice
+    (kept in the results file, left out of the tables).
+
+    >>> runs = [{"task": "spam", "method": "uniform", "budget": "low", "seed": 0,
+    ...          "variant": "rank-free", "learning_rate": rate} for rate in (8e-3, 4e-3)]
+    >>> data = {"runs": runs, "choices": {"spam-uniform-low": {
+    ...     "variant": "rank-free", "learning_rate": 4e-3}}}
+    >>> groups, old = current_runs(data)
+    >>> [r["learning_rate"] for r in groups[("spam", "uniform", "low")]], len(old)
+    ([0.004], 1)
+    """
+    chosen = chosen_configs(data)
+    kept, superseded = [], []
+    for r in data.get("runs", []):
+        cell = (r["task"], r["method"], r.get("budget"))
+        (kept if chosen.get(cell) == _config(r) else superseded).append(r)
+    return _group(kept), superseded
+
+
+def _superseded_text(superseded):
+    if not superseded:
+        return ""
+    parts = []
+    for (task, method, budget), rs in sorted(_group(superseded).items(), key=lambda kv: str(kv[0])):
+        for config in sorted({_config(r) for r in rs}):
+            n = sum(1 for r in rs if _config(r) == config)
+            parts.append(f"{cell_name(task, method, budget)} at {config[1]:g} ({config[0]}), "
+                         f"{n} seed{'s' if n != 1 else ''}")
+    return ("Test runs made at an earlier choice, before more selection seeds changed it, are "
+            "kept in the results file and left out of these tables: " + "; ".join(parts) + ".\n")
 
 
 def lr_schedule_text(schedule):
@@ -182,9 +236,7 @@ def _missing(data, groups):
 
 
 def _selection_rows(data):
-    chosen = {(r["task"], r["method"], r.get("budget")): (r.get("variant") or "sqrt",
-                                                          r["learning_rate"])
-              for r in data.get("runs", [])}
+    chosen = chosen_configs(data)
     cand = {}
     for r in data.get("selection", []):
         key = (r["task"], r["method"], r.get("budget"), r.get("variant") or "sqrt",
@@ -194,13 +246,16 @@ def _selection_rows(data):
     for key in sorted(cand, key=lambda k: (k[0], str(k[2]), list(METHODS).index(k[1]),
                                            k[3], k[4])):
         task, method, budget, variant, rate = key
-        rs = cand[key]
+        rs = sorted(cand[key], key=lambda r: r["seed"])
         acc = stats.mean_std([r["val_accuracy"] for r in rs])[0]
         loss = stats.mean_std([r["val_loss"] for r in rs])[0]
+        fell = [r["seed"] for r in rs if "val_majority_accuracy" in r and selection.collapsed(r)]
         bold = chosen.get((task, method, budget)) == (variant, rate)
         b = "**" if bold else ""
         rows.append(f"| {task} | {_budget_text(budget)} | {method} | {variant} | "
-                    f"{b}{rate:g}{b} | {len(rs)} | {b}{acc:.3f}{b} | {loss:.3f} |")
+                    f"{b}{rate:g}{b} | {len(rs)} | {b}{acc:.3f}{b} | "
+                    f"{min(r['val_accuracy'] for r in rs):.3f} | {loss:.3f} | "
+                    f"{'seed ' + ', '.join(map(str, fell)) if fell else '-'} |")
     return rows
 
 
@@ -231,8 +286,8 @@ def _speed(data):
     )
 
 
-def _plots(data):
-    names = sorted(r["plot"] for r in data.get("runs", []) if r.get("plot"))
+def _plots(data, runs):
+    names = sorted({r["plot"] for r in runs if r.get("plot")})
     if not names:
         return ""
     folder = data.get("archived", {}).get("plots", "plots")
@@ -244,7 +299,7 @@ def backend_section(data):
     """One backend's section; an archived results file (its `archived`
     entry says why and where its plots went) gets its own heading, its
     protocol and no list of cells still to run."""
-    groups = _group(data.get("runs", []))
+    groups, superseded = current_runs(data)
     archived = data.get("archived")
     rows, _ = paired_rows(groups)
     commands = "\n".join(
@@ -252,7 +307,7 @@ def backend_section(data):
         + (f", {c['wall_seconds'] / 60:.1f} min" if c.get("wall_seconds") else "") + ")"
         for c in data["commands"]
     )
-    seeds = sorted({r["seed"] for r in data.get("runs", [])})
+    seeds = sorted({r["seed"] for rs in groups.values() for r in rs})
     majority = ", ".join(
         f"{task} {rs[0]['majority_accuracy']:.3f}"
         for task in TASKS
@@ -266,7 +321,8 @@ def backend_section(data):
         backend=heading,
         smoke=("**SMOKE RUN: tiny settings, its numbers mean nothing.**\n\n"
                if data["settings"]["smoke"] else ""),
-        plots=_plots(data),
+        plots=_plots(data, [r for rs in groups.values() for r in rs])
+        + _superseded_text(superseded),
         commands=commands or "- none yet",
         machine=_machine_text(data["machine"]) if "machine" in data else "-",
         settings=_settings_text(data["settings"]),
@@ -275,7 +331,7 @@ def backend_section(data):
         majority=majority,
         paired_rows="\n".join(rows) or "| - | | | | | | |",
         missing="" if archived else _missing(data, groups),
-        selection_rows="\n".join(_selection_rows(data)) or "| - | | | | | | | |",
+        selection_rows="\n".join(_selection_rows(data)) or "| - | | | | | | | | | |",
         variants=_variants(data),
         speed=_speed(data),
     )

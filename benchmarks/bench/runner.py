@@ -5,9 +5,13 @@ file are not rerun):
 
 1. `select`: every cell (task, method, budget) trains at each learning
    rate of its grid (and each AdaLoRA variant asked for) with the
-   selection seeds, scored on the validation split only;
-2. `test`: every cell trains with its chosen learning rate (and variant)
-   on each seed, scored on validation and, once, on test.
+   selection seeds, scored on the validation split only (where a test run
+   of the same configuration and seed exists, its validation scores are
+   taken: it is the same training);
+2. `test`: every cell trains with the learning rate (and variant)
+   `selection.choose` picks from those records on each seed, scored on
+   validation and, once, on test. The choice is stored (`choices`), so
+   the report shows the runs made at it and no others.
 
 `<out>/results/<backend>.json` holds the settings, the machine, the
 commands and every record; `report.write` turns it into `RESULTS.md`.
@@ -24,7 +28,7 @@ import sys
 import time
 
 from . import report
-from . import stats
+from . import selection
 from .protocol import BUDGETS, VARIANTS, cell_name, cells, init_rank_of, variants_for
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -183,6 +187,17 @@ class Runner:
         key = (task, method, budget, variant, rate, seed)
         if any(key_of(r) == key for r in self.data[stage]):
             return
+        if stage == "selection":
+            same = [r for r in self.data["runs"] if key_of(r) == key]
+            if same:
+                # The same training as a test run already made: reuse its
+                # validation scores rather than train it again.
+                self.data["selection"].append(selection.validation_record(same[0]))
+                self.log(f"{self.args.backend} selection {cell_name(task, method, budget)} "
+                         f"{variant} lr {rate:g} seed {seed}: the test run's validation "
+                         f"scores (val {same[0]['val_accuracy']:.3f})")
+                self.save()
+                return
         self.log(f"{self.args.backend} {stage} {cell_name(task, method, budget)} "
                  f"{variant} lr {rate:g} seed {seed} ...")
         spec = self.spec(task, method, budget, variant, rate, seed, evaluate_test)
@@ -195,20 +210,21 @@ class Runner:
         self.log(f"    {text}, {record['trainable_params_final']:,} params, {seconds:.0f} s")
         self.save()
 
-    def choice(self, task, method, budget, variants):
-        """`(variant, learning rate)` chosen on validation for one cell."""
-        candidates = []
-        for variant in variants:
-            for rate in self.grid(method):
-                rs = [r for r in self.data["selection"]
-                      if key_of(r)[:5] == (task, method, budget, variant, rate)]
-                if rs:
-                    candidates.append({
-                        "variant": variant, "learning_rate": rate,
-                        "val_accuracy": stats.mean_std([r["val_accuracy"] for r in rs])[0],
-                        "val_loss": stats.mean_std([r["val_loss"] for r in rs])[0],
-                    })
-        best = stats.pick_best(candidates)
+    def choice(self, cell):
+        """`(variant, learning rate)` chosen on validation for one cell
+        (`selection.choose` over the selection seeds asked for); stored in
+        the results as the cell's choice."""
+        seeds = list(range(self.args.select_seeds))
+        variants = self.variants_of(cell[1])
+        best = selection.choose(self.data["selection"], cell, variants,
+                                self.grid(cell[1]), seeds)
+        self.data.setdefault("choices", {})[cell_name(*cell)] = {
+            "variant": best["variant"], "learning_rate": best["learning_rate"],
+            "variants": variants, "seeds": seeds, "all_collapsed": best["all_collapsed"],
+        }
+        if best["all_collapsed"]:
+            self.log(f"    {cell_name(*cell)}: every candidate collapsed on some "
+                     "selection seed; the best of them is used")
         return best["variant"], best["learning_rate"]
 
     def grid(self, method):
@@ -233,12 +249,12 @@ class Runner:
                         for seed in range(args.select_seeds):
                             self.run("selection", task, method, budget, variant, rate, seed)
             if not args.select_only:
+                chosen = {cell: self.choice(cell) for cell in todo}
+                self.save()
                 # Seed by seed, so that an interrupted run leaves whole pairs.
                 for seed in range(args.seeds):
-                    for task, method, budget in todo:
-                        variant, rate = self.choice(task, method, budget,
-                                                    self.variants_of(method))
-                        self.run("runs", task, method, budget, variant, rate, seed)
+                    for cell in todo:
+                        self.run("runs", *cell, *chosen[cell], seed)
         if "speed" in args.parts:
             self.speed()
         self.data["commands"][-1]["wall_seconds"] = round(time.perf_counter() - self.started)

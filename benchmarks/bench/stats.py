@@ -76,23 +76,3 @@ def paired_difference(a, b):
     verdict = "higher" if low > 0 else "lower" if high < 0 else "tie"
     return {"n": len(diffs), "mean": mean, "std": std, "low": low,
             "high": high, "verdict": verdict, "seeds": seeds}
-
-
-def pick_best(candidates):
-    """The candidate with the highest validation accuracy, ties broken by
-    the lower validation loss, then by the earlier position.
-
-    Args:
-        candidates: a list of dicts with `val_accuracy` and `val_loss`.
-
-    >>> pick_best([{"val_accuracy": 0.9, "val_loss": 0.3},
-    ...            {"val_accuracy": 0.9, "val_loss": 0.2}])["val_loss"]
-    0.2
-    """
-    if not candidates:
-        raise ValueError("pick_best needs at least one candidate")
-    order = sorted(
-        range(len(candidates)),
-        key=lambda i: (-candidates[i]["val_accuracy"], candidates[i]["val_loss"], i),
-    )
-    return candidates[order[0]]

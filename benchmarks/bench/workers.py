@@ -36,6 +36,17 @@ def load_data(spec):
     )
 
 
+def majority_share(labels):
+    """The accuracy of always answering the most frequent label.
+
+    >>> majority_share([0, 1, 1, 2])
+    0.5
+    """
+    import numpy as np
+
+    return float(np.bincount(np.asarray(labels)).max() / len(labels))
+
+
 def classifier(spec, num_classes):
     import keras_hub
 
@@ -110,6 +121,28 @@ def set_scale(model, rule):
             layer.alpha = layer.init_rank * root / REFERENCE_RANK
         else:
             layer.alpha = float(rule)
+
+
+def adapt(model, init_rank, adalora):
+    """Swaps every projection of `model` for its AdaLoRA layer at
+    `init_rank`, with a variant's `apply_adalora` arguments (`adalora`:
+    `scale`, `orth_reg_weight`) applied explicitly; the adapted layers.
+
+    What AdaLoRA and the uniform control share, in the benchmark's runs
+    and in `pruning_probe.py`.
+    """
+    import keras_adalora
+    from keras_adalora.adapter import AdaLoRAAdapter
+
+    keras_adalora.apply_adalora(
+        model,
+        init_rank=init_rank,
+        target="all",
+        orth_reg_weight=adalora.get("orth_reg_weight", 0.1),
+    )
+    set_scale(model, adalora.get("scale", "sqrt"))
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, AdaLoRAAdapter)]
 
 
 def step_timer():
@@ -228,7 +261,8 @@ def quality(spec):
         "variant": spec.get("variant"),
         "classes": classes,
         "head_params": head_params,
-        "majority_accuracy": float(np.bincount(y_test).max() / len(y_test)),
+        "majority_accuracy": majority_share(y_test),
+        "val_majority_accuracy": majority_share(splits["validation"][1]),
     }
     timer = step_timer()
     callbacks = [timer]
@@ -236,13 +270,7 @@ def quality(spec):
     adalora = spec.get("adalora") or {}
     if method in ("adalora", "uniform"):
         init = spec["init_rank"] if method == "adalora" else target
-        keras_adalora.apply_adalora(
-            model,
-            init_rank=init,
-            target="all",
-            orth_reg_weight=adalora.get("orth_reg_weight", 0.1),
-        )
-        set_scale(model, adalora.get("scale", "sqrt"))
+        adapt(model, init, adalora)
         record["init_rank"] = init
         if method == "adalora":
             budget = keras_adalora.RankBudgetCallback(
