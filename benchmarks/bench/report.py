@@ -67,7 +67,7 @@ def chosen_configs(data):
     for r in data.get("runs", []):
         out[(r["task"], r["method"], r.get("budget"))] = _config(r)
     stored = data.get("choices", {})
-    for cell in list(out) + [c for c in cells(TASKS, METHODS, BUDGETS) if c not in out]:
+    for cell in cells(TASKS, METHODS, BUDGETS):
         if cell_name(*cell) in stored:
             c = stored[cell_name(*cell)]
             out[cell] = (c["variant"], c["learning_rate"])
