@@ -26,7 +26,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench.protocol import BUDGETS, TASKS, VARIANTS, init_rank_of  # noqa: E402
+from bench.protocol import BUDGETS, TASKS, VARIANTS, init_rank_of, schedule_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -81,7 +81,7 @@ def main(argv=None):
     model = workers.classifier(spec, len(splits["classes"]))
     target = BUDGETS[args.budget]
     init = init_rank_of(target) if args.method == "adalora" else target
-    layers = workers.adapt(model, init, VARIANTS[args.variant]["adalora"])
+    layers = workers.adapt(model, init, VARIANTS[args.variant]["adalora"], target)
     x_val, y_val = splits["validation"]
 
     def score():
@@ -153,8 +153,9 @@ def main(argv=None):
     callbacks = [Probe()]
     if args.method == "adalora":
         extra = {} if args.delta_t is None else {"delta_t": args.delta_t}
+        schedule = schedule_of(settings["schedule"], args.variant)
         callbacks.insert(0, keras_adalora.RankBudgetCallback(
-            target_rank=target, **settings["schedule"], **extra))
+            target_rank=target, **schedule, **extra))
     x_fit, y_fit = splits["fit"]
     workers.compile_model(model, args.learning_rate, settings["lr_schedule"],
                           workers.fit_steps(settings, len(y_fit)))

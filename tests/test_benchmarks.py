@@ -149,6 +149,35 @@ def _record(task, method, budget, seed, accuracy, **extra):
     )
 
 
+def _dense_model(init_rank):
+    import keras_adalora
+
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(24, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="out")(hidden))
+    return keras_adalora.apply_adalora(model, init_rank=init_rank)
+
+
+def test_target_scale_gives_adalora_the_controls_alpha_over_more_components():
+    from bench.workers import set_scale
+
+    adalora, control = _dense_model(3), _dense_model(2)
+    set_scale(adalora, "target", target_rank=2)
+    set_scale(control, "rank-free")
+    for name, (d_in, d_out) in (("hidden", (6, 24)), ("out", (24, 4))):
+        mine, theirs = adalora.get_layer(name), control.get_layer(name)
+        assert mine.alpha == pytest.approx(2 * math.sqrt(d_in * d_out) / 12)
+        # One alpha: the same total scale, over 3 components against 2.
+        assert mine.alpha == pytest.approx(theirs.alpha)
+        assert mine.scale == pytest.approx(theirs.scale * 2 / 3)
+    # At the budget's own rank the rule is the rank-free one.
+    same = _dense_model(2)
+    set_scale(same, "target", target_rank=2)
+    assert same.get_layer("out").alpha == pytest.approx(control.get_layer("out").alpha)
+    with pytest.raises(ValueError, match="target_rank"):
+        set_scale(adalora, "target")
+
+
 def test_report_pairs_seeds_lists_what_is_missing_and_keeps_notes(tmp_path):
     ours = [0.95, 0.94, 0.96, 0.95, 0.97]
     theirs = [0.93, 0.93, 0.94, 0.94, 0.95]

@@ -98,6 +98,23 @@ VARIANTS = {
         "doc": "rank-free, and pruning ends at half the run, so the pruned "
         "adapter trains for the other half",
     },
+    "rank-free-late-start": {
+        "adalora": {"scale": "rank-free"},
+        "schedule": {"tinit": 0.3, "tfinal": 0.7},
+        "control": "rank-free",
+        "doc": "rank-free, and pruning starts at 30% of the run instead of 10% "
+        "(where the learning-rate warm-up ends), so the first masks read scores "
+        "of a trained adapter; it ends where the default's does",
+    },
+    "target-alpha": {
+        "adalora": {"scale": "target"},
+        "control": "rank-free",
+        "doc": "AdaLoRA gets the uniform control's alpha (rank-free at the budget's "
+        "rank, alpha = target_rank * sqrt(d_in * d_out) / 12), so its init_rank "
+        "components start at target_rank / init_rank of the control's scale and the "
+        "two adapters start with the same total scale (the paper's convention: one "
+        "lora_alpha divided by the initial rank)",
+    },
     "rank-free-no-orth": {
         "adalora": {"scale": "rank-free", "orth_reg_weight": 0.0},
         "control": "rank-free-no-orth",
@@ -126,3 +143,15 @@ def variants_for(method, variants):
         if control not in out:
             out.append(control)
     return out
+
+
+def schedule_of(schedule, variant):
+    """The callback's schedule arguments of one run: the settings'
+    (`schedule`) with the variant's on top.
+
+    >>> schedule_of({}, "rank-free-late-start")
+    {'tinit': 0.3, 'tfinal': 0.7}
+    >>> schedule_of({"delta_t": 5}, "rank-free")
+    {'delta_t': 5}
+    """
+    return dict(schedule, **VARIANTS[variant].get("schedule", {}))

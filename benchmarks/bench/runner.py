@@ -29,7 +29,15 @@ import time
 
 from . import report
 from . import selection
-from .protocol import BUDGETS, VARIANTS, cell_name, cells, init_rank_of, variants_for
+from .protocol import (
+    BUDGETS,
+    VARIANTS,
+    cell_name,
+    cells,
+    init_rank_of,
+    schedule_of,
+    variants_for,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "compare.py"
@@ -160,7 +168,7 @@ class Runner:
         s = self.settings
         target = BUDGETS[budget] if budget else None
         adalora = dict(VARIANTS[variant]["adalora"]) if method in ("adalora", "uniform") else {}
-        schedule = dict(s["schedule"], **VARIANTS[variant].get("schedule", {}))
+        schedule = schedule_of(s["schedule"], variant)
         spec = {
             "kind": "quality",
             "name": f"{cell_name(task, method, budget)}-{variant}-{rate:g}-{seed}",

@@ -93,7 +93,7 @@ def lora_params_per_rank(model):
     return total
 
 
-def set_scale(model, rule):
+def set_scale(model, rule, target_rank=None):
     """Gives every adapted layer the `alpha` of a scale rule, explicitly,
     so that the records keep their meaning if the library's default moves.
 
@@ -102,6 +102,12 @@ def set_scale(model, rule):
     - `"rank-free"`: `alpha = init_rank * sqrt(d_in * d_out) / 12`, the
       scale `sqrt(d_in * d_out) / 12` whatever the rank (what `"sqrt"`
       gives at init_rank 12; the library's default now);
+    - `"target"`: `alpha = target_rank * sqrt(d_in * d_out) / 12`, the
+      `alpha` that `"rank-free"` gives an adapter of the budget's rank, so
+      AdaLoRA and the uniform control share one `alpha` and AdaLoRA's
+      `init_rank` components start at `target_rank / init_rank` of the
+      control's scale (the paper's and PEFT's convention: one `lora_alpha`,
+      divided by the initial rank);
     - a number: that `alpha` on every layer.
     """
     import math
@@ -110,6 +116,8 @@ def set_scale(model, rule):
     from keras_adalora.adapter import REFERENCE_RANK
 
     kinds = (keras_adalora.AdaLoRADense, keras_adalora.AdaLoRAEinsumDense)
+    if rule == "target" and not target_rank:
+        raise ValueError("The scale rule 'target' needs the budget's `target_rank`.")
     for layer in model._flatten_layers(include_self=False):
         if not isinstance(layer, kinds):
             continue
@@ -119,14 +127,17 @@ def set_scale(model, rule):
             layer.alpha = root
         elif rule == "rank-free":
             layer.alpha = layer.init_rank * root / REFERENCE_RANK
+        elif rule == "target":
+            layer.alpha = target_rank * root / REFERENCE_RANK
         else:
             layer.alpha = float(rule)
 
 
-def adapt(model, init_rank, adalora):
+def adapt(model, init_rank, adalora, target_rank=None):
     """Swaps every projection of `model` for its AdaLoRA layer at
     `init_rank`, with a variant's `apply_adalora` arguments (`adalora`:
     `scale`, `orth_reg_weight`) applied explicitly; the adapted layers.
+    `target_rank`: the budget's average rank (the `"target"` scale rule's).
 
     What AdaLoRA and the uniform control share, in the benchmark's runs
     and in `pruning_probe.py`.
@@ -140,7 +151,7 @@ def adapt(model, init_rank, adalora):
         target="all",
         orth_reg_weight=adalora.get("orth_reg_weight", 0.1),
     )
-    set_scale(model, adalora.get("scale", "sqrt"))
+    set_scale(model, adalora.get("scale", "sqrt"), target_rank)
     return [layer for layer in model._flatten_layers(include_self=False)
             if isinstance(layer, AdaLoRAAdapter)]
 
@@ -270,7 +281,7 @@ def quality(spec):
     adalora = spec.get("adalora") or {}
     if method in ("adalora", "uniform"):
         init = spec["init_rank"] if method == "adalora" else target
-        adapt(model, init, adalora)
+        adapt(model, init, adalora, target)
         record["init_rank"] = init
         if method == "adalora":
             budget = keras_adalora.RankBudgetCallback(
