@@ -82,7 +82,8 @@ def parse_args(argv=None):
                         help="cosine: linear warm-up over the first tenth of the steps to "
                         "the chosen rate, then cosine decay to 0; constant: the rate "
                         "throughout (the protocol of the archived 1-3 December runs)")
-    parser.add_argument("--data-dir", default=None, help="TFDS data folder (default: tfds')")
+    parser.add_argument("--data-dir", default=None, help="where tfds keeps prepared data; unset: tfds' own "
+                        "(~/tensorflow_datasets)")
     parser.add_argument("--out", default=str(HERE), help="RESULTS.md, results/ and plots/ go here")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md from the results files")

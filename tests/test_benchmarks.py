@@ -285,18 +285,18 @@ def test_report_tables_hold_the_runs_at_the_current_choice_only(tmp_path):
     assert "| 0.008 | 3 | 0.594 | 0.413 | 0.200 | seed 2 |" in text
 
 
-def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path, monkeypatch):
-    # The runner's two stages with the training replaced by a table of
-    # validation scores: 8e-3 wins on seed 0 and collapses on seed 2.
-    import compare
+def _runner_without_training(monkeypatch, accuracy_of):
+    """The runner's module with each run replaced by a record whose
+    validation accuracy is `accuracy_of(rate, seed)` (test: 0.01 less);
+    returns the module and the list of `(rate, seed, evaluate_test)` of the
+    runs it was asked to train."""
     from bench import runner as runner_module
 
-    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.69, 0.68, 0.413)}
     trained = []
 
     def fake_child(spec, workdir, backend):
         trained.append((spec["learning_rate"], spec["seed"], spec["evaluate_test"]))
-        acc = val[spec["learning_rate"]][spec["seed"]]
+        acc = accuracy_of(spec["learning_rate"], spec["seed"])
         record = {k: spec[k] for k in ("task", "method", "budget", "seed", "learning_rate",
                                        "variant")}
         record.update(val_accuracy=acc, val_loss=1.0 - acc, val_majority_accuracy=0.413,
@@ -308,6 +308,17 @@ def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path
 
     monkeypatch.setattr(runner_module, "run_child", fake_child)
     monkeypatch.setattr(runner_module, "minilm_preset", lambda: "preset")
+    return runner_module, trained
+
+
+def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path, monkeypatch):
+    # The runner's two stages with the training replaced by a table of
+    # validation scores: 8e-3 wins on seed 0 and collapses on seed 2.
+    import compare
+
+    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.69, 0.68, 0.413)}
+    runner_module, trained = _runner_without_training(
+        monkeypatch, lambda rate, seed: val[rate][seed])
 
     def main(select_seeds):
         argv = ["--tasks", "source", "--methods", "uniform", "--budgets", "mid",
@@ -340,6 +351,52 @@ def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path
     trained.clear()
     main(3)
     assert trained == []
+
+
+def test_a_grid_may_grow_and_the_choice_sees_the_added_rate_but_never_shrink(
+    tmp_path, monkeypatch
+):
+    # A choice at the top of the grid: a rate added later is trained on
+    # validation alone, may win, and the command that added it says so.
+    import compare
+
+    val = {5e-5: 0.60, 1e-4: 0.65, 2e-4: 0.70, 4e-4: 0.72}
+    runner_module, trained = _runner_without_training(monkeypatch, lambda rate, seed: val[rate])
+    argv = ["--tasks", "source", "--methods", "full", "--seeds", "2", "--backend", "jax",
+            "--out", str(tmp_path)]
+    args = compare.parse_args(argv)
+
+    def main(full_grid):
+        settings = compare.settings_of(args)
+        settings["grids"]["full"] = list(full_grid)
+        r = runner_module.Runner(args, settings)
+        r.main("python benchmarks/compare.py " + " ".join(argv))
+        return r.data
+
+    main((5e-5, 1e-4, 2e-4))
+    assert json.loads((tmp_path / "results" / "jax.json").read_text())[
+        "choices"]["source-full"]["learning_rate"] == 2e-4
+    trained.clear()
+    data = main((5e-5, 1e-4, 2e-4, 4e-4))
+    assert sorted(trained) == [(4e-4, 0, False), (4e-4, 0, True), (4e-4, 1, True)]
+    assert data["choices"]["source-full"]["learning_rate"] == 4e-4
+    assert data["settings"]["grids"]["full"] == [5e-5, 1e-4, 2e-4, 4e-4]
+    assert data["commands"][-1]["grids_added"] == {"full": [4e-4]}
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "learning rates added to the grids: full 0.0004)" in text
+    assert "full 5e-05, 0.0001, 0.0002, 0.0004" in text
+    assert "source-full at 0.0002 (sqrt), 2 seeds" in text
+    # The same command again: nothing to train, and its line still says
+    # what it added.
+    trained.clear()
+    data = main((5e-5, 1e-4, 2e-4, 4e-4))
+    assert trained == [] and len(data["commands"]) == 1
+    assert data["commands"][-1]["grids_added"] == {"full": [4e-4]}
+    # A grid that drops a rate it has runs at is refused before any training.
+    before = (tmp_path / "results" / "jax.json").read_text()
+    with pytest.raises(SystemExit, match="grids of full no longer hold"):
+        main((1e-4, 2e-4, 4e-4))
+    assert trained == [] and (tmp_path / "results" / "jax.json").read_text() == before
 
 
 # ---------------------------------------------------------------------------

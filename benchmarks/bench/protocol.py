@@ -7,14 +7,17 @@ TASKS = {"spam": "spam_assassin", "source": "spam_assassin/source"}
 
 # Per method: its label in the report, whether it has a rank budget, and
 # the learning rates the validation split chooses from (the three adapter
-# methods share one grid).
+# methods share one grid). A grid may grow without losing the runs made at
+# its earlier rates (`runner.load_results`): full fine-tuning and the head
+# chose the top of their first grids (2e-4, 5e-2) on both tasks, so each
+# got the next rate up, and the head on spam chose 2e-1 in turn.
 ADAPTER_GRID = (2e-3, 4e-3, 8e-3)
 METHODS = {
     "adalora": ("AdaLoRA (`RankBudgetCallback`)", True, ADAPTER_GRID),
     "uniform": ("same AdaLoRA layers, uniform rank, no callback", True, ADAPTER_GRID),
     "lora": ("Keras LoRA (`enable_lora`)", True, ADAPTER_GRID),
-    "full": ("full fine-tuning", False, (5e-5, 1e-4, 2e-4)),
-    "head": ("frozen backbone, trained head", False, (2e-3, 1e-2, 5e-2)),
+    "full": ("full fine-tuning", False, (5e-5, 1e-4, 2e-4, 4e-4)),
+    "head": ("frozen backbone, trained head", False, (2e-3, 1e-2, 5e-2, 2e-1, 1.0)),
 }
 METHODS = {
     name: {"label": label, "budgeted": budgeted, "grid": grid}

@@ -295,6 +295,20 @@ def _plots(data, runs):
     return f"Where AdaLoRA's rank went, per seed (`plot_rank_allocation`): {links}.\n"
 
 
+def _grids_added_text(added):
+    """What a command added to the learning-rate grids, for its line.
+
+    >>> _grids_added_text({"full": [0.0004], "head": [0.2]})
+    '; learning rates added to the grids: full 0.0004, head 0.2'
+    >>> _grids_added_text(None)
+    ''
+    """
+    if not added:
+        return ""
+    return "; learning rates added to the grids: " + ", ".join(
+        f"{m} {', '.join(f'{r:g}' for r in rates)}" for m, rates in added.items())
+
+
 def backend_section(data):
     """One backend's section; an archived results file (its `archived`
     entry says why and where its plots went) gets its own heading, its
@@ -304,7 +318,8 @@ def backend_section(data):
     rows, _ = paired_rows(groups)
     commands = "\n".join(
         f"- `{c['command']}` ({c['date']}"
-        + (f", {c['wall_seconds'] / 60:.1f} min" if c.get("wall_seconds") else "") + ")"
+        + (f", {c['wall_seconds'] / 60:.1f} min" if c.get("wall_seconds") else "")
+        + _grids_added_text(c.get("grids_added")) + ")"
         for c in data["commands"]
     )
     seeds = sorted({r["seed"] for rs in groups.values() for r in rs})

@@ -112,19 +112,40 @@ def run_child(spec, workdir, backend):
 
 
 def load_results(path, settings):
-    """The backend's earlier results (None if none); refuses to mix runs
-    made with other settings."""
+    """The backend's earlier results (None if none) and the learning rates
+    that `settings` adds to their grids (`{method: [rate, ...]}`, empty if
+    none); refuses to mix runs made with other settings.
+
+    A grid may only grow: the runs made at its earlier rates stay
+    measurements at those rates, and the next choice on validation sees
+    every rate. Widening it is for a choice that sat at the grid's edge.
+    """
     if not path.exists():
-        return None
+        return None, {}
     old = json.loads(path.read_text())
     before = old.get("settings", {})
     differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+    added = {}
+    if "grids" in differ:
+        old_grids, new_grids = before.get("grids") or {}, settings["grids"]
+        shrunk = sorted(m for m in old_grids
+                        if m not in new_grids or not set(old_grids[m]) <= set(new_grids[m]))
+        if shrunk:
+            sys.exit(
+                f"{path} holds runs at learning rates that the grids of "
+                f"{', '.join(shrunk)} no longer hold. A grid may only grow; keep "
+                "its earlier rates, or use another --out."
+            )
+        added = {m: sorted(set(g) - set(old_grids.get(m, ()))) for m, g in new_grids.items()}
+        added = {m: rates for m, rates in added.items() if rates}
+        differ.remove("grids")
     if differ:
         sys.exit(
             f"{path} holds results made with other settings ({', '.join(differ)} "
             "differ). Pass the same settings to complete it, or use another --out."
         )
-    return old
+    old["settings"] = settings
+    return old, added
 
 
 # MiniLM: per block four 384 x 384 projections and two 384 x 1536, an
@@ -150,7 +171,8 @@ class Runner:
         for folder in (self.results_dir, self.plots_dir, self.workdir):
             folder.mkdir(parents=True, exist_ok=True)
         self.path = self.results_dir / f"{args.backend}.json"
-        self.data = load_results(self.path, settings) or {
+        self.data, self.grids_added = load_results(self.path, settings)
+        self.data = self.data or {
             "backend": args.backend, "settings": settings, "selection": [],
             "runs": [], "speed": None, "commands": [],
         }
@@ -243,11 +265,20 @@ class Runner:
 
     def main(self, command):
         args = self.args
+        # The same command again (resuming it) replaces its line, keeping
+        # the rates it added to the grids.
+        added = {}
+        for c in self.data["commands"]:
+            if c["command"] == command:
+                added.update(c.get("grids_added", {}))
+        added.update(self.grids_added)
         self.data["commands"] = [c for c in self.data["commands"] if c["command"] != command]
         self.data["commands"].append({
             "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         })
+        if added:
+            self.data["commands"][-1]["grids_added"] = added
         self.data["machine"] = machine_info()
         todo = cells(args.tasks, args.methods, args.budgets)
         if "quality" in args.parts:
