@@ -1,4 +1,4 @@
-"""AdaLoRA against a uniform-rank control, Keras LoRA, full fine-tuning and
+"""AdaLoRA against uniform-rank controls, Keras LoRA, full fine-tuning and
 a trained head, with choices made on validation and paired seeds on test.
 
 Model: all-MiniLM-L6-v2 as a KerasHub `BertTextClassifier`; data: the
@@ -17,7 +17,7 @@ to `<out>/RESULTS.md` (its prose lives in `bench/report.md`).
 
     python benchmarks/compare.py --backend jax                 # everything
     python benchmarks/compare.py --tasks spam --budgets low --methods adalora,uniform
-    python benchmarks/compare.py --select-only --variants default,long-final
+    python benchmarks/compare.py --select-only --variants rank-free,rank-free-long-final
     python benchmarks/compare.py --report-only
     python benchmarks/compare.py --smoke --out /tmp/bench       # tiny, for CI
 

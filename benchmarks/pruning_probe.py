@@ -26,14 +26,16 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench.protocol import BUDGETS, TASKS, VARIANTS, init_rank_of, schedule_of  # noqa: E402
+from bench.protocol import (  # noqa: E402
+    ADALORA_LAYER_METHODS, BUDGETS, TASKS, VARIANTS, adapter_rank_of, schedule_of,
+)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=list(TASKS), default="spam")
     parser.add_argument("--budget", choices=list(BUDGETS), default="mid")
-    parser.add_argument("--method", choices=["adalora", "uniform"], default="adalora")
+    parser.add_argument("--method", choices=list(ADALORA_LAYER_METHODS), default="adalora")
     parser.add_argument("--variant", choices=list(VARIANTS), default="rank-free")
     parser.add_argument("--learning-rate", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -80,7 +82,7 @@ def main(argv=None):
     splits = workers.load_data(spec)
     model = workers.classifier(spec, len(splits["classes"]))
     target = BUDGETS[args.budget]
-    init = init_rank_of(target) if args.method == "adalora" else target
+    init = adapter_rank_of(args.method, target)
     layers = workers.adapt(model, init, VARIANTS[args.variant]["adalora"], target)
     x_val, y_val = splits["validation"]
 

@@ -311,6 +311,27 @@ def _runner_without_training(monkeypatch, accuracy_of):
     return runner_module, trained
 
 
+def test_each_method_gets_its_adapter_rank_and_the_controls_their_variants_layers(
+    tmp_path, monkeypatch
+):
+    import compare
+
+    runner_module, trained = _runner_without_training(monkeypatch, lambda rate, seed: 0.5)
+    args = compare.parse_args(["--backend", "jax", "--out", str(tmp_path)])
+    r = runner_module.Runner(args, compare.settings_of(args))
+
+    def spec(method, budget, variant="rank-free"):
+        return r.spec("spam", method, budget, variant, 4e-3, 0, False)
+
+    assert {m: spec(m, "mid").get("init_rank") for m in ("adalora", "uniform", "uniform-up",
+                                                        "lora")} == {
+        "adalora": 12, "uniform": 8, "uniform-up": 9, "lora": None}
+    assert spec("uniform-up", "low")["init_rank"] == 3
+    assert spec("uniform-up", "low")["adalora"] == {"scale": "rank-free"}
+    assert spec("adalora", "low", "target-alpha")["adalora"] == {"scale": "target"}
+    assert spec("lora", "low")["adalora"] == {} and trained == []
+
+
 def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path, monkeypatch):
     # The runner's two stages with the training replaced by a table of
     # validation scores: 8e-3 wins on seed 0 and collapses on seed 2.

@@ -15,6 +15,8 @@ ADAPTER_GRID = (2e-3, 4e-3, 8e-3)
 METHODS = {
     "adalora": ("AdaLoRA (`RankBudgetCallback`)", True, ADAPTER_GRID),
     "uniform": ("same AdaLoRA layers, uniform rank, no callback", True, ADAPTER_GRID),
+    "uniform-up": ("same AdaLoRA layers, uniform rank one above the budget, no callback",
+                   True, ADAPTER_GRID),
     "lora": ("Keras LoRA (`enable_lora`)", True, ADAPTER_GRID),
     "full": ("full fine-tuning", False, (5e-5, 1e-4, 2e-4, 4e-4)),
     "head": ("frozen backbone, trained head", False, (2e-3, 1e-2, 5e-2, 2e-1, 1.0)),
@@ -40,6 +42,11 @@ PROJECTIONS = (
 )
 
 
+# The methods whose adapters `apply_adalora` makes (the others: Keras LoRA,
+# full fine-tuning, the head).
+ADALORA_LAYER_METHODS = ("adalora", "uniform", "uniform-up")
+
+
 def init_rank_of(target_rank):
     """AdaLoRA's initial rank for a final average `target_rank`.
 
@@ -47,6 +54,25 @@ def init_rank_of(target_rank):
     (3, 12)
     """
     return int(round(1.5 * target_rank))
+
+
+def adapter_rank_of(method, target_rank):
+    """The rank `apply_adalora` gives a method's adapters at a budget's
+    average final rank: AdaLoRA starts at 1.5x it and prunes down to it;
+    the uniform control holds it; `uniform-up` holds one more, a control at
+    or above AdaLoRA's final size in parameters (AdaLoRA ends above the
+    control's, giving its components to the larger layers).
+
+    >>> [adapter_rank_of(m, 8) for m in ("adalora", "uniform", "uniform-up")]
+    [12, 8, 9]
+    """
+    if method == "adalora":
+        return init_rank_of(target_rank)
+    if method == "uniform":
+        return target_rank
+    if method == "uniform-up":
+        return target_rank + 1
+    raise ValueError(f"{method!r} makes no `apply_adalora` adapters")
 
 
 def cells(tasks, methods, budgets):
@@ -128,17 +154,19 @@ VARIANTS = {
 
 def variants_for(method, variants):
     """The variants that change `method`: all of them for AdaLoRA; their
-    controls (same adapters, no schedule) for the uniform control; for
+    controls (same adapters, no schedule) for the uniform controls; for
     the others none, `["sqrt"]` being a name only.
 
     >>> variants_for("uniform", ["sqrt", "rank-free-long-final", "rank-free"])
     ['sqrt', 'rank-free']
+    >>> variants_for("uniform-up", ["target-alpha"])
+    ['rank-free']
     >>> variants_for("lora", ["rank-free"])
     ['sqrt']
     """
     if method == "adalora":
         return list(variants)
-    if method != "uniform":
+    if method not in ADALORA_LAYER_METHODS:
         return ["sqrt"]
     out = []
     for name in variants:

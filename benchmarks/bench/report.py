@@ -17,7 +17,7 @@ from .protocol import BUDGETS, METHODS, TASKS, VARIANTS, cell_name, cells, init_
 HERE = pathlib.Path(__file__).resolve().parent
 BACKENDS = ("jax", "tensorflow", "torch")
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
-BASELINES = ("uniform", "lora", "full", "head")
+BASELINES = ("uniform", "uniform-up", "lora", "full", "head")
 
 
 def _template(name):
@@ -43,6 +43,8 @@ def _method_text(method, budget, runs):
         return f"AdaLoRA, rank {init_rank_of(target)} → {target} on average"
     if method == "uniform":
         return f"uniform rank {BUDGETS[budget]}, no callback"
+    if method == "uniform-up":
+        return f"uniform rank {BUDGETS[budget] + 1} (one up), no callback"
     if method == "lora":
         return f"Keras LoRA r={runs[0]['lora_rank']}"
     return METHODS[method]["label"]
@@ -149,6 +151,11 @@ def _methods_text():
         "- **uniform** (the control that isolates allocation): the same "
         "`apply_adalora` layers at `init_rank=budget`, no callback, so no "
         "scoring and no pruning; its adapter is the budget spread evenly.",
+        "- **uniform-up** (the control at equal parameters): the same at "
+        "`init_rank=budget + 1`. AdaLoRA's budget counts components and it "
+        "gives them to the larger feed-forward layers, so it ends larger than "
+        "the uniform control; one rank up, the control is about AdaLoRA's final "
+        "size or larger.",
         "- **Keras LoRA**: `backbone.enable_lora(r)` on the same layers, biases "
         "frozen, `r` the rank whose real size is nearest the uniform control's "
         "(111,168 parameters per rank: Keras factors the query/key/value kernels "

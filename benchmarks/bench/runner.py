@@ -30,8 +30,10 @@ import time
 from . import report
 from . import selection
 from .protocol import (
+    ADALORA_LAYER_METHODS,
     BUDGETS,
     VARIANTS,
+    adapter_rank_of,
     cell_name,
     cells,
     init_rank_of,
@@ -189,7 +191,8 @@ class Runner:
     def spec(self, task, method, budget, variant, rate, seed, evaluate_test):
         s = self.settings
         target = BUDGETS[budget] if budget else None
-        adalora = dict(VARIANTS[variant]["adalora"]) if method in ("adalora", "uniform") else {}
+        own_layers = method in ADALORA_LAYER_METHODS
+        adalora = dict(VARIANTS[variant]["adalora"]) if own_layers else {}
         schedule = schedule_of(s["schedule"], variant)
         spec = {
             "kind": "quality",
@@ -200,8 +203,8 @@ class Runner:
             "learning_rate": rate, "seed": seed, "evaluate_test": evaluate_test,
             "target_rank": target, "adalora": adalora, "schedule": schedule,
         }
-        if target:
-            spec["init_rank"] = init_rank_of(target)
+        if target and own_layers:
+            spec["init_rank"] = adapter_rank_of(method, target)
         if method == "lora":
             # The worker picks the Keras LoRA rank whose adapter is nearest
             # the uniform control's size.

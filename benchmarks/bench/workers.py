@@ -12,7 +12,7 @@ import pathlib
 import time
 
 from . import data as bench_data
-from .protocol import PROJECTIONS, TASKS
+from .protocol import ADALORA_LAYER_METHODS, PROJECTIONS, TASKS
 
 
 def count(weights):
@@ -279,8 +279,8 @@ def quality(spec):
     callbacks = [timer]
     target = spec.get("target_rank")
     adalora = spec.get("adalora") or {}
-    if method in ("adalora", "uniform"):
-        init = spec["init_rank"] if method == "adalora" else target
+    if method in ADALORA_LAYER_METHODS:
+        init = spec["init_rank"]
         adapt(model, init, adalora, target)
         record["init_rank"] = init
         if method == "adalora":
@@ -331,7 +331,7 @@ def quality(spec):
             )
             record["plot"] = plot.name
         keras_adalora.compact_adalora(model)
-    if method in ("adalora", "uniform"):
+    if method in ADALORA_LAYER_METHODS:
         table = adapter_table(model)
         record["adapter_params"] = int(sum(r["params"] for r in table))
         record["trainable_params_final"] = count(model.trainable_weights)
