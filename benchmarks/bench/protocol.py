@@ -59,9 +59,9 @@ def init_rank_of(target_rank):
 def adapter_rank_of(method, target_rank):
     """The rank `apply_adalora` gives a method's adapters at a budget's
     average final rank: AdaLoRA starts at 1.5x it and prunes down to it;
-    the uniform control holds it; `uniform-up` holds one more, a control at
-    or above AdaLoRA's final size in parameters (AdaLoRA ends above the
-    control's, giving its components to the larger layers).
+    the uniform control holds it; `uniform-up` holds one more, a control of
+    about AdaLoRA's final size in parameters or larger (AdaLoRA ends above
+    the uniform control's, giving its components to the larger layers).
 
     >>> [adapter_rank_of(m, 8) for m in ("adalora", "uniform", "uniform-up")]
     [12, 8, 9]
