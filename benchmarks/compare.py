@@ -93,7 +93,8 @@ def parse_args(argv=None):
     if args.worker or args.report_only:
         return args
     if args.smoke:
-        args.tasks, args.methods, args.budgets = "spam", "adalora,uniform", "low"
+        args.tasks, args.budgets = "spam", "low"
+        args.methods = "adalora,uniform,peft-adalora,peft-lora"
         args.variants = "rank-free"
         args.seeds, args.fit_examples, args.validation_examples = 2, 16, 8
         args.test_examples, args.epochs, args.sequence_length, args.batch_size = 8, 1, 16, 8

@@ -83,7 +83,7 @@ def main(argv=None):
     model = workers.classifier(spec, len(splits["classes"]))
     target = BUDGETS[args.budget]
     init = adapter_rank_of(args.method, target)
-    layers = workers.adapt(model, init, VARIANTS[args.variant]["adalora"], target)
+    layers = workers.adapt(model, init, VARIANTS[args.variant]["adalora"], target, args.seed)
     x_val, y_val = splits["validation"]
 
     def score():

@@ -3,6 +3,7 @@
 from keras_adalora.allocator import RankAllocator
 from keras_adalora.apply import apply_adalora
 from keras_adalora.callback import RankBudgetCallback
+from keras_adalora.disabling import disable_adapter
 from keras_adalora.export import compact_adalora
 from keras_adalora.export import get_rank_pattern
 from keras_adalora.export import merge_adalora
@@ -38,6 +39,7 @@ __all__ = [
     "RankBudgetCallback",
     "apply_adalora",
     "compact_adalora",
+    "disable_adapter",
     "export_peft",
     "get_rank_pattern",
     "import_peft",

@@ -99,6 +99,15 @@ class _AdaptedModel(_AdaptedLayer):
         )
 
     def fit(self, *args, **kwargs):
+        from keras_adalora.disabling import is_disabled
+
+        if is_disabled(self):
+            raise ValueError(
+                f"`fit` was called on model '{self.name}' inside "
+                "`disable_adapter(model)`, where its adapters are switched "
+                "off: it would train none of them (and the optimizer would "
+                "still decay them). Call `fit` outside the block."
+            )
         _FITTING[self] = []
         try:
             history = super().fit(*args, **kwargs)

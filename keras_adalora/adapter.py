@@ -18,6 +18,7 @@ from keras import initializers
 from keras import layers
 from keras import ops
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution
 from keras_adalora import _keras
 from keras_adalora import quantization
@@ -285,8 +286,17 @@ class AdaLoRAAdapter:
 
     # Maths -----------------------------------------------------------------
 
+    # Set by `disable_adapter` while the layer runs as its base layer.
+    adapter_disabled = False
+    # The penalty's form: squared norms (the paper's) or the norms (PEFT's).
+    # Not part of the configuration: `benchmarks/` compares the two forms.
+    _orth_reg_squared = True
+
     def _component_scale(self):
-        """`(alpha / init_rank) * lam * rank_mask`: one factor per component."""
+        """`(alpha / init_rank) * lam * rank_mask`: one factor per component
+        (zeros inside `disable_adapter`, so the adapter adds exactly 0)."""
+        if self.adapter_disabled:
+            return ops.zeros(tuple(self.adalora_lam.shape), dtype=ADAPTER_DTYPE)
         return self.scale * (self.adalora_lam * self.rank_mask)
 
     def _scale_components(self, h):
@@ -308,10 +318,14 @@ class AdaLoRAAdapter:
         h = self._adapter_project_in(x, self.adalora_a)
         h = self._scale_components(h)
         out = self._adapter_project_out(h, self.adalora_b)
-        if training and self.orth_reg_weight > 0:
+        if training and self.orth_reg_weight > 0 and not self.adapter_disabled:
             self.add_loss(
                 self.orth_reg_weight
-                * orthogonality_penalty(self.adalora_a, self.adalora_b)
+                * orthogonality_penalty(
+                    self.adalora_a,
+                    self.adalora_b,
+                    squared=self._orth_reg_squared,
+                )
             )
         return ops.cast(out, self.compute_dtype)
 
@@ -350,15 +364,15 @@ class AdaLoRAAdapter:
         Returns:
             The number of components removed.
         """
-        mask = np.asarray(ops.convert_to_numpy(self.rank_mask))
+        mask = to_numpy(self.rank_mask)
         keep = np.flatnonzero(mask > 0.5)
         removed = self.adapter_rank - keep.size
         if removed == 0:
             return 0
         values = {
-            A_NAME: ops.convert_to_numpy(self.adalora_a)[:, keep],
-            LAM_NAME: ops.convert_to_numpy(self.adalora_lam)[keep],
-            B_NAME: ops.convert_to_numpy(self.adalora_b)[keep, :],
+            A_NAME: to_numpy(self.adalora_a)[:, keep],
+            LAM_NAME: to_numpy(self.adalora_lam)[keep],
+            B_NAME: to_numpy(self.adalora_b)[keep, :],
             MASK_NAME: mask[keep],
         }
         with _keras.unlocked_tracker(self):
@@ -631,6 +645,8 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 # Skips Keras's `Layer.__delattr__` (a `gc.collect()` per
                 # variable) but keeps the backend's own attribute bookkeeping.
                 super(layers.Layer, self).__delattr__(attribute)
+            # Left by a `disable_adapter` block.
+            self.__dict__.pop("adapter_disabled", None)
             _keras.swap_class(self, self.wrapped_class)
         return self
 

@@ -5,9 +5,12 @@ the optimizer (an `AdaLoRAOptimizer`) updates the scores at every step, and
 `allocator.update(step)` writes the masks when the schedule says so.
 """
 
+import warnings
+
 import numpy as np
 from keras import ops
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora import allocation as allocation_lib
 from keras_adalora._validation import check_int
 from keras_adalora import schedule
@@ -145,6 +148,19 @@ class RankBudget:
         allocation_lib.check_budget(
             target_budget, capacities, min_rank=min_rank, max_rank=max_rank
         )
+        uncompacted = all(layer.adapter_rank == layer.init_rank for layer in layers)
+        if uncompacted and target_budget == sum(capacities):
+            warnings.warn(
+                f"{caller}: the final budget ({target_budget} components"
+                + (f", total_rank={total_rank}" if total_rank is not None
+                   else f", target_rank={target_rank} x {len(layers)} layers")
+                + f") equals what the adapters hold ({sum(capacities)} "
+                f"components, init_rank={max(capacities)}), so nothing will "
+                "be pruned. Pass a target_rank below the adapters' "
+                "init_rank, or adapt with a larger init_rank "
+                "(`apply_adalora(model, init_rank=...)`).",
+                stacklevel=3,
+            )
         self.layers = layers
         self.paths = [layer_path(layer) for layer in layers]
         self.allocation = allocation
@@ -312,7 +328,7 @@ class RankAllocator:
     def sync_state(self):
         """Re-reads the last mask step and the masks from the variables
         (after a restore, or a JAX loop's write-back)."""
-        last = int(ops.convert_to_numpy(self.optimizer.last_mask_step))
+        last = int(to_numpy(self.optimizer.last_mask_step))
         self.last_mask_step = None if last < 0 else last
         self._set_masks([_read_mask(layer) for layer in self.layers])
 
@@ -419,4 +435,4 @@ class RankAllocator:
 
 
 def _read_mask(layer):
-    return np.asarray(ops.convert_to_numpy(layer.rank_mask), dtype="float32")
+    return to_numpy(layer.rank_mask).astype("float32")

@@ -6,6 +6,7 @@ from keras_adalora._backend import reset_compiled_state
 from keras_adalora.adapted_model import mark_adapted
 from keras_adalora.adapter import validate_adapter_args
 from keras_adalora.targets import adapter_class_for
+from keras_adalora.targets import adapter_classes
 from keras_adalora.targets import select_layers
 
 
@@ -125,6 +126,7 @@ def apply_adalora(
     12
     """
     validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
+    check_container(model)
     to_adapt, to_keep = select_layers(
         model, target, keep_trainable, init_rank=init_rank
     )
@@ -147,6 +149,20 @@ def apply_adalora(
     refresh_tracked_parameters(model)
     reset_compiled_state(model)
     return mark_adapted(model)
+
+
+def check_container(model):
+    """Raises unless `model` is a model (or a layer holding others): a
+    layer of an adaptable kind passed on its own names its adapted class."""
+    cls = adapter_classes().get(type(model))
+    if cls is not None:
+        raise ValueError(
+            "`apply_adalora` adapts the layers inside a model; it received a "
+            f"{type(model).__name__} layer ('{model.name}') itself. Pass the "
+            "model that holds it, or make an adapted copy of this one layer "
+            f"with `keras_adalora.{cls.__name__}.from_layer(layer, "
+            "init_rank=...)`."
+        )
 
 
 def freeze_all_but(model, trainable_layers):

@@ -5,6 +5,7 @@ import warnings
 import keras
 from keras import ops
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution
 from keras_adalora import adapted_model
 from keras_adalora._backend import set_compiled_optimizer
@@ -269,7 +270,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         either is invalid."""
         self.model  # noqa: B018 -- syncs the JAX state
         self._micro_step = int(
-            ops.convert_to_numpy(self._optimizer.applied_batches)
+            to_numpy(self._optimizer.applied_batches)
         )
         step = self._micro_step // self._steps_per_update()
         stored = self._optimizer.read_schedule()
@@ -400,7 +401,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             # Steps the loss scaler skipped never reached the optimizer:
             # trust its counter over ours.
             self._micro_step = int(
-                ops.convert_to_numpy(self._optimizer.applied_batches)
+                to_numpy(self._optimizer.applied_batches)
             )
             step = self._micro_step // self._steps_per_update()
             if self._allocator.update(step) and self._allocator.frozen:

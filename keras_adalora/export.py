@@ -139,6 +139,14 @@ def merge_adalora(model):
     ('Dense', False)
     """
     layers = require_adapted_layers(model, "merge_adalora")
+    disabled = [layer.path or layer.name for layer in layers if layer.adapter_disabled]
+    if disabled:
+        raise ValueError(
+            "`merge_adalora` was called inside `disable_adapter`, where the "
+            f"adapters of {disabled[:3]}{' ...' if len(disabled) > 3 else ''} "
+            "are switched off: merging would fold nothing into the kernels "
+            "and lose them. Merge outside the block."
+        )
     report = {}
     for layer in layers:
         layer.revert_in_place(report=report)

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
 from keras_adalora.adapted_model import mark_adapted
@@ -642,7 +643,7 @@ def _is_dense_head(layer):
 
 
 def _numpy(variable):
-    return np.asarray(ops.convert_to_numpy(variable))
+    return to_numpy(variable)
 
 
 def _safetensors(caller):

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution
 from keras_adalora import _keras
 from keras_adalora import importance as importance_lib
@@ -244,7 +245,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         retrace."""
         if not self.built:
             return self._scoring_before_build
-        return bool(int(ops.convert_to_numpy(self._scoring)))
+        return bool(int(to_numpy(self._scoring)))
 
     @scoring.setter
     def scoring(self, on):
@@ -333,7 +334,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
     def read_schedule(self):
         """The stored rank schedule as a dict of Python ints (the keys of
         `SCHEDULE_FIELDS`), or `None` before AdaLoRA training started."""
-        values = [int(v) for v in ops.convert_to_numpy(self.schedule)]
+        values = [int(v) for v in to_numpy(self.schedule)]
         if values[0] < 0:
             return None
         return dict(zip(SCHEDULE_FIELDS, values))
@@ -436,7 +437,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         )
         views = self._views(
             [
-                (key, a, ops.convert_to_numpy(lam.value), b)
+                (key, a, to_numpy(lam.value), b)
                 for key, a, lam, b in self._variable_parts
             ]
         )
@@ -448,7 +449,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             )
             for key, view in zip(keys, views)
         ]
-        state = [ops.convert_to_numpy(v.value) for v in self._score_state]
+        state = [to_numpy(v.value) for v in self._score_state]
         components, totals = self.kind.scores(state, views, alive_all)
         index = [keys.index(path) for path in layer_paths]
         return [components[i] for i in index], [totals[i] for i in index]

@@ -1,5 +1,7 @@
 """`plot_rank_allocation`: where the rank went, as in the AdaLoRA paper."""
 
+import os
+
 import numpy as np
 
 from keras_adalora.summary import adapter_table
@@ -18,7 +20,8 @@ def plot_rank_allocation(model, path=None, title=None):
 
     Args:
         model: a model adapted with `apply_adalora` (trained or not).
-        path: where to write the PNG; `None` writes nothing.
+        path: where to write the PNG (its folder is created if missing);
+            `None` writes nothing.
         title: the figure's title; defaults to the model's name and its
             total rank.
 
@@ -61,6 +64,9 @@ def plot_rank_allocation(model, path=None, title=None):
     figure.suptitle(title, fontsize=10)
     FigureCanvasAgg(figure)
     if path is not None:
+        folder = os.path.dirname(os.fspath(path))
+        if folder:
+            os.makedirs(folder, exist_ok=True)
         figure.savefig(path, dpi=150, bbox_inches="tight")
     return figure
 

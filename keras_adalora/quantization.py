@@ -22,6 +22,7 @@ import numpy as np
 from keras import ops
 from keras import quantizers
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora import _keras
 
 # The modes Keras trains through (its `enable_lora` runs on both).
@@ -266,7 +267,7 @@ def requantize(layer, delta):
         (0 when there is no update).
     """
     delta = ops.convert_to_numpy(delta)  # no gradient to carry
-    kernel = ops.convert_to_numpy(float_kernel(layer)) + delta
+    kernel = to_numpy(float_kernel(layer)) + delta
     plain = requantized_layer(layer, kernel)
     first = "embeddings" if isinstance(layer, keras.layers.Embedding) else "kernel"
     values = {
@@ -275,6 +276,6 @@ def requantize(layer, delta):
         + quantized_weights(plain)
         if not name.startswith("reverse_")
     }
-    error = np.linalg.norm(ops.convert_to_numpy(float_kernel(plain)) - kernel)
+    error = np.linalg.norm(to_numpy(float_kernel(plain)) - kernel)
     update = np.linalg.norm(delta)
     return values, float(error / update) if update > 0 else 0.0

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adalora._arrays import to_numpy
 from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
@@ -233,7 +234,7 @@ def _version():
 
 
 def _numpy(variable):
-    return np.asarray(ops.convert_to_numpy(variable))
+    return to_numpy(variable)
 
 
 def _weighted_layers(model):

@@ -319,6 +319,18 @@ def select_layers(model, target, keep_trainable=None, init_rank=None):
         to_adapt = [
             layer for layer in layers if id(layer) not in kept and matches(layer)
         ]
+    if not to_adapt and too_small:
+        largest = max(
+            min(adapter_classes()[type(layer)]._adapter_matrix_shape(layer))
+            for layer in too_small
+        )
+        raise ValueError(
+            f"No layer of this model can hold `init_rank`={init_rank} "
+            f"components: {len(too_small)} Dense/EinsumDense layers exist "
+            f"({_sample_paths(too_small)}), but the largest rank any of "
+            f"them can hold is {largest} (the smaller side of its kernel). "
+            f"Pass init_rank <= {largest}."
+        )
     if not to_adapt:
         names = [target] if isinstance(target, str) else target
         if not isinstance(names, (list, tuple)):

@@ -122,3 +122,44 @@ def fresh_process(code, backend=None):
     backend = backend or keras.backend.backend()
     out = run_in_fresh_process(backend, _FRESH_PROLOGUE + textwrap.dedent(code))
     return json.loads(out.strip().splitlines()[-1])
+
+
+def task_gradients(model, x, y, variables):
+    """The gradients of `mean((model(x, training=True) - y) ** 2)` with
+    respect to `variables`, by the backend's own autodiff (`jax.grad`,
+    `tf.GradientTape`, `backward()`), outside any Keras training code: the
+    task loss alone, without the model's added losses."""
+    backend = keras.backend.backend()
+    x = keras.ops.convert_to_tensor(x)
+    y = keras.ops.convert_to_tensor(y)
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        def loss(values):
+            out, _ = model.stateless_call(values, frozen, x, training=True)
+            return jnp.mean((out - y) ** 2)
+
+        grads = jax.grad(loss)(trainable)
+        by_path = {v.path: g for v, g in zip(model.trainable_variables, grads)}
+        return [to_numpy(by_path[v.path]) for v in variables]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = tf.reduce_mean((out - y) ** 2)
+        return [to_numpy(g) for g in tape.gradient(loss, [v.value for v in variables])]
+    import torch
+
+    for v in variables:
+        v.value.grad = None
+    out = model(x, training=True)
+    torch.mean((out - y) ** 2).backward()
+    grads = [to_numpy(v.value.grad) for v in variables]
+    for v in variables:
+        v.value.grad = None
+    return grads

@@ -212,6 +212,25 @@ def test_bad_arguments_raise_before_anything_changes(kwargs, message):
     assert_untouched(model, weights)
 
 
+def test_an_init_rank_no_layer_can_hold_names_init_rank_and_the_largest_that_fits():
+    model = mlp(input_dim=16, hidden=32, outputs=3)
+    weights = len(model.weights)
+    with pytest.raises(ValueError, match=r"No layer of this model can hold `init_rank`=100 "
+                       r"components.*largest rank any of them can hold is 32.*"
+                       r"init_rank <= 32"):
+        apply_adalora(model, init_rank=100)
+    assert_untouched(model, weights)
+
+
+def test_a_single_layer_is_refused_with_the_way_to_adapt_it():
+    layer = keras.layers.Dense(8, name="alone")
+    layer.build((None, 4))
+    with pytest.raises(ValueError, match=r"adapts the layers inside a model.*Dense layer "
+                       r"\('alone'\).*AdaLoRADense.from_layer"):
+        apply_adalora(layer, init_rank=2)
+    assert type(layer) is keras.layers.Dense and len(layer.trainable_weights) == 2
+
+
 def test_adapting_twice_is_refused():
     model = mlp()
     apply_adalora(model, init_rank=2)

@@ -116,6 +116,15 @@ def test_choose_rules_out_a_rate_that_collapsed_on_any_selection_seed():
     assert worst["all_collapsed"] and worst["learning_rate"] == 4e-3  # mean 0.598
     with pytest.raises(ValueError, match="every selection seed \\[0, 1, 2, 3, 4\\]"):
         selection.choose(records, cell, ["rank-free"], grid, range(5))
+    # A candidate that collapsed on its first seed is ruled out without its
+    # other seeds (the runner stops there), and chosen against no one.
+    first = [r for r in records if not (r["learning_rate"] == 8e-3 and r["seed"] < 2)]
+    assert selection.ruled_out(first, cell, "rank-free", 8e-3, [0, 1, 2])
+    assert not selection.ruled_out(first, cell, "rank-free", 4e-3, [0, 1, 2])
+    found = {c["learning_rate"]: c for c in
+             selection.candidates(first, cell, ["rank-free"], grid, [0, 1, 2])}
+    assert found[8e-3]["seeds"] == [2] and found[8e-3]["collapsed"]
+    assert selection.choose(first, cell, ["rank-free"], grid, [0, 1, 2])["learning_rate"] == 4e-3
 
 
 def test_fit_validation_split_is_stratified_disjoint_and_complete():
@@ -226,6 +235,24 @@ def test_learning_rate_schedules_warm_up_then_decay_to_zero_or_stay_constant():
         learning_rate_of(4e-3, {"name": "linear"}, 160)
 
 
+def test_the_peers_get_the_keras_runs_learning_rates_and_schedule():
+    from bench.hf_peft import learning_rate_at, peft_schedule
+    from bench.workers import learning_rate_of
+
+    for schedule in ({"name": "cosine", "warmup_fraction": 0.1}, {"name": "constant"}):
+        keras_rate = learning_rate_of(4e-3, schedule, 160)
+        for step in range(161):
+            expected = (keras_rate if isinstance(keras_rate, float) else
+                        float(keras.ops.convert_to_numpy(keras_rate(step))))
+            assert learning_rate_at(step, 4e-3, schedule, 160) == pytest.approx(
+                expected, rel=1e-5, abs=1e-9)
+    # PEFT's tfinal is the length of the last phase; ours is where it starts.
+    assert peft_schedule(160, {"tinit": 0.3, "tfinal": 0.7, "delta_t": 5}) == {
+        "tinit": 48, "tfinal": 48, "deltaT": 5}
+    assert peft_schedule(100, {"tinit": 10, "tfinal": 60}) == {
+        "tinit": 10, "tfinal": 40, "deltaT": 10}
+
+
 def test_report_shows_an_archived_protocol_after_the_current_one(tmp_path):
     settings = _settings({"adalora": [2e-3]})
     current = {"backend": "jax", "selection": [], "speed": None, "commands": [],
@@ -330,6 +357,25 @@ def test_each_method_gets_its_adapter_rank_and_the_controls_their_variants_layer
     assert spec("uniform-up", "low")["adalora"] == {"scale": "rank-free"}
     assert spec("adalora", "low", "target-alpha")["adalora"] == {"scale": "target"}
     assert spec("lora", "low")["adalora"] == {} and trained == []
+
+
+def test_a_rate_that_collapses_on_its_first_seed_trains_no_other_seed(tmp_path, monkeypatch):
+    import compare
+
+    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.413, 0.68, 0.69)}
+    runner_module, trained = _runner_without_training(
+        monkeypatch, lambda rate, seed: val[rate][seed])
+    argv = ["--tasks", "source", "--methods", "uniform", "--budgets", "mid",
+            "--variants", "rank-free", "--seeds", "2", "--backend", "jax",
+            "--select-seeds", "3", "--out", str(tmp_path)]
+    args = compare.parse_args(argv)
+    r = runner_module.Runner(args, compare.settings_of(args))
+    r.main("python benchmarks/compare.py " + " ".join(argv))
+    assert sorted(t for t in trained if not t[2]) == sorted(
+        [(rate, s, False) for rate in (2e-3, 4e-3) for s in range(3)] + [(8e-3, 0, False)])
+    assert r.data["choices"]["source-uniform-mid"]["learning_rate"] == 4e-3
+    assert "| source | mid (avg rank 8) | uniform | rank-free | 0.008 | 1 | 0.413 |" in (
+        tmp_path / "RESULTS.md").read_text()
 
 
 def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path, monkeypatch):
@@ -454,11 +500,13 @@ def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
         rates = sorted(r["learning_rate"] for r in data["selection"] if r["method"] == method)
         assert rates == sorted(data["settings"]["grids"][method])
     assert all("test_accuracy" not in r for r in data["selection"])
-    # Test runs: the chosen rate on every seed, both methods on the same seeds.
+    # Test runs: the chosen rate on every seed, every method on the same seeds.
+    methods = ("adalora", "uniform", "peft-adalora", "peft-lora")
     runs = {(r["method"], r["seed"]): r for r in data["runs"]}
-    assert set(runs) == {(m, s) for m in ("adalora", "uniform") for s in (0, 1)}
+    assert set(runs) == {(m, s) for m in methods for s in (0, 1)}
     for (method, _), run in runs.items():
-        best = selection.choose(data["selection"], ("spam", method, "low"), ["rank-free"],
+        variant = "sqrt" if method.startswith("peft-") else "rank-free"
+        best = selection.choose(data["selection"], ("spam", method, "low"), [variant],
                                 data["settings"]["grids"][method], [0])
         assert run["learning_rate"] == best["learning_rate"]
         assert data["choices"][f"spam-{method}-low"]["learning_rate"] == best["learning_rate"]
@@ -475,6 +523,15 @@ def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
     assert sum(ada["rank_pattern"].values()) == ada["budget_components"] == 72
     assert ada["trainable_params_training"] > ada["trainable_params_final"]
     assert uni["trainable_params_training"] == uni["trainable_params_final"]
+    # The peers on the same 36 projections: PEFT's AdaLoRA pruned from rank 3
+    # to the same 72 components, its LoRA at rank 2 (d_in + d_out a rank).
+    peft_ada, peft_lora = runs[("peft-adalora", 0)], runs[("peft-lora", 0)]
+    assert len(peft_ada["rank_pattern"]) == 36 and peft_ada["init_rank"] == 3
+    assert sum(peft_ada["rank_pattern"].values()) == 72
+    assert peft_lora["lora_rank"] == 2
+    assert peft_lora["adapter_params"] == 2 * 6 * (4 * (384 + 384) + 2 * (384 + 1536))
+    assert peft_ada["head_params"] == peft_lora["head_params"] == ada["head_params"]
+    assert peft_ada["steps"] == ada["steps"]
 
 
 def test_smoke_run_writes_report_and_plots(smoke_run):
@@ -482,6 +539,7 @@ def test_smoke_run_writes_report_and_plots(smoke_run):
     text = (out / "RESULTS.md").read_text()
     assert f"## {backend}" in text and "SMOKE" in text
     assert "| spam | low (avg rank 2) | uniform | 2 |" in text  # a paired row
+    assert "| spam | low (avg rank 2) | peft-adalora | 2 |" in text
     plots = sorted((out / "plots").glob("*.png"))
     assert {p.name for p in plots} == {
         f"ranks_{backend}_spam_low_seed{s}.png" for s in (0, 1)
@@ -516,7 +574,8 @@ def test_pruning_probe_scores_each_mask_update_before_and_after(tmp_path):
     assert "over 1 updates" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["protocol", "stats", "selection", "data", "report", "workers"])
+@pytest.mark.parametrize(
+    "name", ["protocol", "stats", "selection", "data", "report", "workers", "hf_peft"])
 def test_docstring_examples_hold(name):
     import doctest
     import importlib

@@ -331,6 +331,26 @@ def test_bad_settings_for_this_model_raise_at_fit_and_train_nothing(kwargs, mess
     assert int(to_numpy(optimizer.iterations)) == 0
 
 
+def test_a_final_budget_equal_to_what_the_adapters_hold_warns_that_nothing_prunes():
+    # The defaults (target_rank=8) on adapters of init_rank 8 prune nothing.
+    model = compile_model(two_branch_model(init_rank=4))
+    callback = RankBudgetCallback(target_rank=4, tinit=2, tfinal=10)
+    with pytest.warns(UserWarning, match=r"final budget \(16 components.*equals what the "
+                      r"adapters hold \(16 components, init_rank=4\).*nothing will be pruned"):
+        model.fit(*regression_data(), batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+    # A budget below it, and a compacted model continuing at its budget, say nothing.
+    import warnings
+
+    model = compile_model(two_branch_model(init_rank=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        callback = RankBudgetCallback(target_rank=2, tinit=2, tfinal=10)
+        model.fit(*regression_data(), batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+        compact_adalora(model)
+        callback = RankBudgetCallback(target_rank=2, tinit=2, tfinal=10)
+        model.fit(*regression_data(), batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+
+
 def test_a_model_without_adalora_layers_is_refused():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="adam", loss="mse")
@@ -383,6 +403,59 @@ def test_compacting_mid_schedule_keeps_the_schedule_and_trains_on(tmp_path):
     assert sum(get_rank_pattern(model).values()) == 4
     model.save(tmp_path / "compacted.keras")
     keras.saving.load_model(tmp_path / "compacted.keras")
+
+
+def test_compacting_during_pruning_still_reaches_the_exact_budget():
+    model = compile_model(two_branch_model())
+    kwargs = dict(target_rank=1, tinit=4, tfinal=24, delta_t=2, total_steps=32)
+    x, y = regression_data()
+    # 12 of 32 steps: pruning has begun and is not done.
+    model.fit(x[:48], y[:48], batch_size=8, epochs=2, verbose=0,
+              callbacks=[RankBudgetCallback(**kwargs)])
+    alive = sum(get_rank_pattern(model).values())
+    assert 4 < alive < 16
+    compact_adalora(model)
+    assert [layer.adapter_rank for layer in adapted_layers(model)] == list(
+        get_rank_pattern(model).values())
+    log = BatchLog()
+    model.fit(x[:40], y[:40], batch_size=8, epochs=4, verbose=0,
+              callbacks=[RankBudgetCallback(**kwargs), log])
+    assert int(to_numpy(model.optimizer.iterations)) == 32
+    # The budget goes on down from where it was, to exactly 4 by tfinal.
+    assert log.budget[0] <= alive and log.budget == sorted(log.budget, reverse=True)
+    assert log.rank[-1] == log.budget[-1] == 4
+    assert sum(get_rank_pattern(model).values()) == 4
+
+
+def test_in_fit_scores_equal_scores_from_independently_computed_gradients():
+    # One step of `fit` (the whole data in one batch) from zero score state:
+    # I_bar = (1 - beta1) * |theta * dL_task/dtheta|, theta before the step,
+    # L_task the loss without the orthogonality penalty.
+    from helpers import randomize_adapters
+    from helpers import task_gradients
+
+    model = compile_model(two_branch_model(orth_reg_weight=0.1))
+    randomize_adapters(model, seed=3)
+    for layer in adapted_layers(model):
+        # Off orthonormal, so that the penalty's gradient is not zero.
+        layer.adalora_a.assign(1.3 * to_numpy(layer.adalora_a))
+        layer.adalora_b.assign(0.8 * to_numpy(layer.adalora_b))
+    x, y = regression_data()
+    callback = RankBudgetCallback(target_rank=2, tinit=4, tfinal=8, total_steps=10)
+    callback.set_model(model)  # installs the scoring optimizer
+    optimizer = model.optimizer
+    ordered = [v for _, a, lam, b in optimizer._variable_parts for v in (a, lam, b)]
+    before = [to_numpy(v).copy() for v in ordered]
+    grads = task_gradients(model, x, y, ordered)
+    # The used branch has task gradients, the dead one (times zero) none.
+    largest = [float(np.abs(g).max()) for g in grads]
+    assert max(largest) > 1e-4 and min(largest) == 0.0
+    model.fit(x, y, batch_size=N, epochs=1, verbose=0, callbacks=[callback])
+    ipt_bar = to_numpy(optimizer._score_state[0])
+    expected = np.concatenate(
+        [(1 - callback.beta1) * np.abs(t * g).reshape(-1) for t, g in zip(before, grads)])
+    assert ipt_bar.shape == expected.shape
+    np.testing.assert_allclose(ipt_bar, expected, rtol=2e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("importance", ["sensitivity", "frobenius"])

@@ -222,6 +222,39 @@ def test_orthogonality_penalty_on_hand_computed_factors():
     b = np.array([[1.0, 1.0]], "float32")  # B B^T - I = [[1]]
     np.testing.assert_allclose(float(orthogonality_penalty(a, np.eye(2))), 9.0)
     np.testing.assert_allclose(float(orthogonality_penalty(np.eye(2, 1), b)), 1.0)
+    # PEFT's form: the norms themselves, ||diag(3, 0)|| + ||diag(0, 8)|| = 3 + 8.
+    c = np.array([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]], "float32")  # C C^T - I = diag(0, 8)
+    np.testing.assert_allclose(
+        float(orthogonality_penalty(a, c, squared=False)), 11.0, rtol=1e-6)
+    np.testing.assert_allclose(float(orthogonality_penalty(a, c)), 9.0 + 64.0, rtol=1e-6)
+
+
+def test_the_unsquared_penalty_has_a_finite_gradient_at_orthonormal_factors():
+    import keras
+
+    a = keras.Variable(np.eye(3, 2, dtype="float32"))
+    b = keras.Variable(np.eye(2, 4, dtype="float32"))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        grads = jax.grad(lambda a_, b_: orthogonality_penalty(a_, b_, squared=False),
+                         argnums=(0, 1))(a.value, b.value)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = orthogonality_penalty(a.value, b.value, squared=False)
+        grads = tape.gradient(loss, [a.value, b.value])
+    else:
+        import torch
+
+        ta = torch.tensor(np.eye(3, 2, dtype="float32"), requires_grad=True)
+        tb = torch.tensor(np.eye(2, 4, dtype="float32"), requires_grad=True)
+        orthogonality_penalty(ta, tb, squared=False).backward()
+        grads = (ta.grad, tb.grad)
+    for grad in grads:
+        grad = to_numpy(grad)
+        assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
 
 
 def test_penalty_is_added_to_losses_in_training_only():

@@ -108,6 +108,14 @@ def test_models_without_blocks_get_one_bar_per_layer(tmp_path):
     assert widths == [2, 4, 4, 4]  # active 2 and 4 over initial 4 and 4
 
 
+def test_plotting_into_a_missing_folder_creates_it(tmp_path):
+    path = tmp_path / "plots" / "run-1" / "ranks.png"
+    keras_adalora.plot_rank_allocation(pruned_mlp(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keras_adalora.plot_rank_allocation(pruned_mlp(), str(tmp_path / "again.png"))
+    assert (tmp_path / "again.png").stat().st_size > 0
+
+
 def test_plotting_without_matplotlib_says_how_to_install_it(monkeypatch):
     for name in list(sys.modules):
         if name == "matplotlib" or name.startswith("matplotlib."):

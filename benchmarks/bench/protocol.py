@@ -10,14 +10,18 @@ TASKS = {"spam": "spam_assassin", "source": "spam_assassin/source"}
 # methods share one grid). A grid may grow without losing the runs made at
 # its earlier rates (`runner.load_results`): full fine-tuning and the head
 # chose the top of their first grids (2e-4, 5e-2) on both tasks, so each
-# got the next rate up, and the head on spam chose 2e-1 in turn.
-ADAPTER_GRID = (2e-3, 4e-3, 8e-3)
+# got the next rate up, and the head on spam chose 2e-1 in turn. PEFT's
+# AdaLoRA chose 8e-3, the top of the adapters' grid, on source at the budget
+# of 8, so the adapter methods got 1.6e-2.
+ADAPTER_GRID = (2e-3, 4e-3, 8e-3, 1.6e-2)
 METHODS = {
     "adalora": ("AdaLoRA (`RankBudgetCallback`)", True, ADAPTER_GRID),
     "uniform": ("same AdaLoRA layers, uniform rank, no callback", True, ADAPTER_GRID),
     "uniform-up": ("same AdaLoRA layers, uniform rank one above the budget, no callback",
                    True, ADAPTER_GRID),
     "lora": ("Keras LoRA (`enable_lora`)", True, ADAPTER_GRID),
+    "peft-adalora": ("PEFT AdaLoRA (PyTorch, `transformers`)", True, ADAPTER_GRID),
+    "peft-lora": ("PEFT LoRA (PyTorch, `transformers`)", True, ADAPTER_GRID),
     "full": ("full fine-tuning", False, (5e-5, 1e-4, 2e-4, 4e-4)),
     "head": ("frozen backbone, trained head", False, (2e-3, 1e-2, 5e-2, 2e-1, 1.0)),
 }
@@ -45,6 +49,10 @@ PROJECTIONS = (
 # The methods whose adapters `apply_adalora` makes (the others: Keras LoRA,
 # full fine-tuning, the head).
 ADALORA_LAYER_METHODS = ("adalora", "uniform", "uniform-up")
+
+# The peers: Hugging Face PEFT on the same MiniLM in PyTorch, whatever the
+# Keras backend of the other runs (`bench/hf_peft.py`).
+PEFT_METHODS = ("peft-adalora", "peft-lora")
 
 
 def init_rank_of(target_rank):
@@ -148,6 +156,22 @@ VARIANTS = {
         "adalora": {"scale": "rank-free", "orth_reg_weight": 0.0},
         "control": "rank-free-no-orth",
         "doc": "rank-free, without the orthogonality penalty",
+    },
+    "peft-init": {
+        "adalora": {"scale": "unit", "factors": "normal-0.02"},
+        "doc": "PEFT's parametrisation: `A` and `B` drawn from N(0, 0.02) instead of "
+        "random orthonormal factors, and a scale of 1 on every layer "
+        "(alpha = init_rank); the penalty, scores and schedule unchanged",
+    },
+    "peft-init-peft-penalty": {
+        "adalora": {"scale": "unit", "factors": "normal-0.02", "penalty": "peft"},
+        "doc": "peft-init, and PEFT's orthogonality penalty: the unsquared Frobenius "
+        "norms averaged over the 2n factors, weight 0.5 (ours: squared, summed, 0.1 "
+        "per layer)",
+    },
+    "peft-init-no-orth": {
+        "adalora": {"scale": "unit", "factors": "normal-0.02", "orth_reg_weight": 0.0},
+        "doc": "peft-init without the orthogonality penalty",
     },
 }
 

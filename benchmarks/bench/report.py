@@ -17,7 +17,7 @@ from .protocol import BUDGETS, METHODS, TASKS, VARIANTS, cell_name, cells, init_
 HERE = pathlib.Path(__file__).resolve().parent
 BACKENDS = ("jax", "tensorflow", "torch")
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
-BASELINES = ("uniform", "uniform-up", "lora", "full", "head")
+BASELINES = ("uniform", "uniform-up", "peft-adalora", "peft-lora", "lora", "full", "head")
 
 
 def _template(name):
@@ -47,6 +47,11 @@ def _method_text(method, budget, runs):
         return f"uniform rank {BUDGETS[budget] + 1} (one up), no callback"
     if method == "lora":
         return f"Keras LoRA r={runs[0]['lora_rank']}"
+    if method == "peft-adalora":
+        target = BUDGETS[budget]
+        return f"PEFT AdaLoRA, rank {init_rank_of(target)} → {target} on average"
+    if method == "peft-lora":
+        return f"PEFT LoRA r={runs[0]['lora_rank']}"
     return METHODS[method]["label"]
 
 
@@ -160,6 +165,13 @@ def _methods_text():
         "frozen, `r` the rank whose real size is nearest the uniform control's "
         "(111,168 parameters per rank: Keras factors the query/key/value kernels "
         "`(384, 12, 32)` over their first two axes).",
+        "- **PEFT AdaLoRA** and **PEFT LoRA** (the peers): Hugging Face PEFT "
+        "on `transformers`' BERT read from the same MiniLM checkpoint, in PyTorch, "
+        "the same 36 projections and a new classifier trained in full, the same "
+        "tokens, batches, steps, AdamW settings and learning-rate schedule; AdaLoRA "
+        "with the callback's schedule (`tinit`, `tfinal` and `delta_t` translated "
+        "to PEFT's), LoRA at the budget's rank; PEFT's defaults elsewhere "
+        "(`lora_alpha` 8, `orth_reg_weight` 0.5). `bench/hf_peft.py`.",
         "- **full fine-tuning**: every weight trains.",
         "- **head**: the backbone frozen, the new head alone trains.",
     ])

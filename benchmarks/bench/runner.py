@@ -205,6 +205,8 @@ class Runner:
         }
         if target and own_layers:
             spec["init_rank"] = adapter_rank_of(method, target)
+        if method == "peft-adalora":
+            spec["init_rank"] = init_rank_of(target)
         if method == "lora":
             # The worker picks the Keras LoRA rank whose adapter is nearest
             # the uniform control's size.
@@ -286,9 +288,17 @@ class Runner:
         todo = cells(args.tasks, args.methods, args.budgets)
         if "quality" in args.parts:
             for task, method, budget in todo:
+                seeds = list(range(args.select_seeds))
                 for variant in self.variants_of(method):
                     for rate in self.grid(method):
-                        for seed in range(args.select_seeds):
+                        for seed in seeds:
+                            if selection.ruled_out(self.data["selection"], (task, method, budget),
+                                                   variant, rate, seeds):
+                                self.log(f"{self.args.backend} selection "
+                                         f"{cell_name(task, method, budget)} {variant} lr "
+                                         f"{rate:g}: collapsed on a seed, ruled out; its "
+                                         "other seeds are not trained")
+                                break
                             self.run("selection", task, method, budget, variant, rate, seed)
             if not args.select_only:
                 chosen = {cell: self.choice(cell) for cell in todo}

@@ -8,8 +8,9 @@ shows the same choice.
 The rule: every candidate trains on the selection seeds; a candidate
 where any seed *collapsed* (ended no better than always answering the
 validation split's majority class, within `COLLAPSE_MARGIN`) is ruled out,
-since a rate that fails on one seed in a few fails on test seeds too;
-among the rest the highest mean validation accuracy wins, ties broken by
+since a rate that fails on one seed in a few fails on test seeds too
+(so the runner stops training a candidate at its first collapsed seed:
+the rest could not change the choice); among the rest the highest mean validation accuracy wins, ties broken by
 the lower mean validation loss, then by the earlier candidate (the lower
 rate of the grid, the earlier variant).
 """
@@ -75,8 +76,9 @@ def pick_best(candidates):
 
 def candidates(selection, cell, variants, grid, seeds):
     """One summary per `(variant, learning rate)` of a cell that trained on
-    every seed of `seeds`: means over those seeds, the worst seed's
-    accuracy, and the seeds that collapsed.
+    every seed of `seeds`, or that collapsed on a seed before the rest
+    trained (ruled out all the same): means over its seeds, the worst
+    seed's accuracy, and the seeds that collapsed.
 
     Args:
         selection: the selection records (validation only).
@@ -95,13 +97,13 @@ def candidates(selection, cell, variants, grid, seeds):
                 if (r["task"], r["method"], r.get("budget"), r.get("variant") or "sqrt",
                     r["learning_rate"]) == (task, method, budget, variant, rate)
             }
-            if not all(seed in by_seed for seed in seeds):
+            rs = [by_seed[seed] for seed in seeds if seed in by_seed]
+            if len(rs) < len(seeds) and not any(collapsed(r) for r in rs):
                 continue
-            rs = [by_seed[seed] for seed in seeds]
             out.append({
                 "variant": variant,
                 "learning_rate": rate,
-                "seeds": seeds,
+                "seeds": [r["seed"] for r in rs],
                 "val_accuracy": stats.mean_std([r["val_accuracy"] for r in rs])[0],
                 "val_loss": stats.mean_std([r["val_loss"] for r in rs])[0],
                 "worst_val_accuracy": min(r["val_accuracy"] for r in rs),
@@ -109,6 +111,22 @@ def candidates(selection, cell, variants, grid, seeds):
                 "collapsed": any(collapsed(r) for r in rs),
             })
     return out
+
+
+def ruled_out(selection, cell, variant, rate, seeds):
+    """Whether a candidate already collapsed on one of `seeds`, so that its
+    other seeds need not train.
+
+    >>> runs = [{"task": "spam", "method": "lora", "budget": "low", "variant": "sqrt",
+    ...          "learning_rate": 8e-3, "seed": 0, "val_accuracy": 0.687, "val_loss": 1.1,
+    ...          "val_majority_accuracy": 0.687}]
+    >>> ruled_out(runs, ("spam", "lora", "low"), "sqrt", 8e-3, [0, 1, 2])
+    True
+    >>> ruled_out(runs, ("spam", "lora", "low"), "sqrt", 4e-3, [0, 1, 2])
+    False
+    """
+    found = candidates(selection, cell, [variant], [rate], seeds)
+    return bool(found) and found[0]["collapsed"]
 
 
 def choose(selection, cell, variants, grid, seeds):
@@ -127,7 +145,7 @@ def choose(selection, cell, variants, grid, seeds):
     (0.002, False)
     """
     found = candidates(selection, cell, variants, grid, seeds)
-    if not found:
+    if not any(len(c["seeds"]) == len(list(seeds)) for c in found):
         raise ValueError(
             f"no candidate of {cell} trained on every selection seed {list(seeds)}; "
             "run the selection stage first"

@@ -12,7 +12,7 @@ import pathlib
 import time
 
 from . import data as bench_data
-from .protocol import ADALORA_LAYER_METHODS, PROJECTIONS, TASKS
+from .protocol import ADALORA_LAYER_METHODS, PEFT_METHODS, PROJECTIONS, TASKS
 
 
 def count(weights):
@@ -108,6 +108,8 @@ def set_scale(model, rule, target_rank=None):
       `init_rank` components start at `target_rank / init_rank` of the
       control's scale (the paper's and PEFT's convention: one `lora_alpha`,
       divided by the initial rank);
+    - `"unit"`: `alpha = init_rank`, a scale of 1 on every layer (PEFT's
+      `lora_alpha = init_r`);
     - a number: that `alpha` on every layer.
     """
     import math
@@ -129,15 +131,18 @@ def set_scale(model, rule, target_rank=None):
             layer.alpha = layer.init_rank * root / REFERENCE_RANK
         elif rule == "target":
             layer.alpha = target_rank * root / REFERENCE_RANK
+        elif rule == "unit":
+            layer.alpha = float(layer.init_rank)
         else:
             layer.alpha = float(rule)
 
 
-def adapt(model, init_rank, adalora, target_rank=None):
+def adapt(model, init_rank, adalora, target_rank=None, seed=0):
     """Swaps every projection of `model` for its AdaLoRA layer at
     `init_rank`, with a variant's `apply_adalora` arguments (`adalora`:
-    `scale`, `orth_reg_weight`) applied explicitly; the adapted layers.
-    `target_rank`: the budget's average rank (the `"target"` scale rule's).
+    `scale`, `factors`, `orth_reg_weight`) applied explicitly; the adapted
+    layers. `target_rank`: the budget's average rank (the `"target"` scale
+    rule's); `seed`: the run's (the `"normal-S"` factor rule's).
 
     What AdaLoRA and the uniform control share, in the benchmark's runs
     and in `pruning_probe.py`.
@@ -152,8 +157,34 @@ def adapt(model, init_rank, adalora, target_rank=None):
         orth_reg_weight=adalora.get("orth_reg_weight", 0.1),
     )
     set_scale(model, adalora.get("scale", "sqrt"), target_rank)
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if isinstance(layer, AdaLoRAAdapter)]
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if isinstance(layer, AdaLoRAAdapter)]
+    set_factors(layers, adalora.get("factors", "orthogonal"), seed)
+    if adalora.get("penalty") == "peft":
+        # PEFT's form: the unsquared norms, averaged over the 2n factors, times
+        # 0.5; each layer adds its share.
+        for layer in layers:
+            layer._orth_reg_squared = False
+            layer.orth_reg_weight = 0.5 / (2 * len(layers))
+    return layers
+
+
+def set_factors(layers, rule, seed):
+    """Draws every adapter's `A` and `B` anew by a rule, explicitly:
+    `"orthogonal"` keeps what `apply_adalora` drew (random orthonormal
+    factors); `"normal-S"` draws each entry from N(0, S) (PEFT's
+    `N(0, 0.02)`), from a NumPy generator seeded with `seed`."""
+    import numpy as np
+
+    if rule == "orthogonal":
+        return
+    if not rule.startswith("normal-"):
+        raise ValueError(f"Unknown factor rule {rule!r}: use 'orthogonal' or 'normal-STD'.")
+    std = float(rule.split("-", 1)[1])
+    rng = np.random.default_rng(seed)
+    for layer in layers:
+        for variable in (layer.adalora_a, layer.adalora_b):
+            variable.assign(rng.normal(0.0, std, tuple(variable.shape)).astype("float32"))
 
 
 def step_timer():
@@ -260,8 +291,6 @@ def quality(spec):
     keras.utils.set_random_seed(seed)
     splits = load_data(spec)
     classes = splits["classes"]
-    model = classifier(spec, len(classes))
-    head_params = count(model.get_layer("logits").weights)
     y_test = splits["test"][1]
     record = {
         "task": spec["task"],
@@ -271,17 +300,25 @@ def quality(spec):
         "learning_rate": rate,
         "variant": spec.get("variant"),
         "classes": classes,
-        "head_params": head_params,
         "majority_accuracy": majority_share(y_test),
         "val_majority_accuracy": majority_share(splits["validation"][1]),
     }
+    if method in PEFT_METHODS:
+        from . import hf_peft
+
+        record = hf_peft.quality(spec, splits, record, [])
+        record["worker_seconds"] = time.perf_counter() - started
+        return record
+    model = classifier(spec, len(classes))
+    head_params = count(model.get_layer("logits").weights)
+    record["head_params"] = head_params
     timer = step_timer()
     callbacks = [timer]
     target = spec.get("target_rank")
     adalora = spec.get("adalora") or {}
     if method in ADALORA_LAYER_METHODS:
         init = spec["init_rank"]
-        adapt(model, init, adalora, target)
+        adapt(model, init, adalora, target, seed)
         record["init_rank"] = init
         if method == "adalora":
             budget = keras_adalora.RankBudgetCallback(
