@@ -58,14 +58,21 @@ def peft_schedule(total_steps, schedule):
     empty for its defaults: `tinit` 0.1, `tfinal` 0.7, `delta_t` 10). PEFT's
     `tfinal` is the length of the last phase, ours the step it starts at.
 
+    PEFT's last mask (at step `total_steps - tfinal`, steps counted from 1
+    here) reads scores, so it must come after the first step: in a run of
+    a few steps the last phase is cut short to allow that.
+
     >>> peft_schedule(160, {})
     {'tinit': 16, 'tfinal': 48, 'deltaT': 10}
+    >>> peft_schedule(2, {})
+    {'tinit': 0, 'tfinal': 0, 'deltaT': 10}
     """
     tinit = schedule.get("tinit", 0.1)
     tfinal = schedule.get("tfinal", 0.7)
     start = int(round(tinit * total_steps)) if tinit < 1 else int(tinit)
     end = int(round(tfinal * total_steps)) if tfinal < 1 else int(tfinal)
-    return {"tinit": start, "tfinal": total_steps - end,
+    last_phase = max(0, min(total_steps - end, total_steps - 2))
+    return {"tinit": start, "tfinal": last_phase,
             "deltaT": int(schedule.get("delta_t", 10))}
 
 
