@@ -34,6 +34,7 @@ import keras
 from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora.adapter import AdaLoRAAdapter
+from keras_adalora.disabling import is_disabled
 
 RECORD_VERSION = 1
 _REGISTERED_NAME = ("keras_adalora", "AdaptedModel")
@@ -99,8 +100,6 @@ class _AdaptedModel(_AdaptedLayer):
         )
 
     def fit(self, *args, **kwargs):
-        from keras_adalora.disabling import is_disabled
-
         if is_disabled(self):
             raise ValueError(
                 f"`fit` was called on model '{self.name}' inside "

@@ -8,7 +8,6 @@ the optimizer (an `AdaLoRAOptimizer`) updates the scores at every step, and
 import warnings
 
 import numpy as np
-from keras import ops
 
 from keras_adalora._arrays import to_numpy
 from keras_adalora import allocation as allocation_lib

@@ -3,7 +3,6 @@
 import warnings
 
 import keras
-from keras import ops
 
 from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution

@@ -20,7 +20,6 @@ import warnings
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_adalora._arrays import to_numpy
 from keras_adalora._backend import refresh_tracked_parameters

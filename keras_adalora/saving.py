@@ -30,7 +30,6 @@ import os
 
 import keras
 import numpy as np
-from keras import ops
 
 from keras_adalora._arrays import to_numpy
 from keras_adalora import _keras
