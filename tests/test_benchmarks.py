@@ -362,7 +362,8 @@ def test_each_method_gets_its_adapter_rank_and_the_controls_their_variants_layer
 def test_a_rate_that_collapses_on_its_first_seed_trains_no_other_seed(tmp_path, monkeypatch):
     import compare
 
-    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.413, 0.68, 0.69)}
+    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.413, 0.68, 0.69),
+           1.6e-2: (0.413, 0.413, 0.413)}
     runner_module, trained = _runner_without_training(
         monkeypatch, lambda rate, seed: val[rate][seed])
     argv = ["--tasks", "source", "--methods", "uniform", "--budgets", "mid",
@@ -372,7 +373,8 @@ def test_a_rate_that_collapses_on_its_first_seed_trains_no_other_seed(tmp_path, 
     r = runner_module.Runner(args, compare.settings_of(args))
     r.main("python benchmarks/compare.py " + " ".join(argv))
     assert sorted(t for t in trained if not t[2]) == sorted(
-        [(rate, s, False) for rate in (2e-3, 4e-3) for s in range(3)] + [(8e-3, 0, False)])
+        [(rate, s, False) for rate in (2e-3, 4e-3) for s in range(3)]
+        + [(8e-3, 0, False), (1.6e-2, 0, False)])
     assert r.data["choices"]["source-uniform-mid"]["learning_rate"] == 4e-3
     assert "| source | mid (avg rank 8) | uniform | rank-free | 0.008 | 1 | 0.413 |" in (
         tmp_path / "RESULTS.md").read_text()
@@ -383,7 +385,8 @@ def test_more_selection_seeds_change_the_choice_and_reuse_the_test_runs(tmp_path
     # validation scores: 8e-3 wins on seed 0 and collapses on seed 2.
     import compare
 
-    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.69, 0.68, 0.413)}
+    val = {2e-3: (0.62, 0.61, 0.60), 4e-3: (0.66, 0.65, 0.67), 8e-3: (0.69, 0.68, 0.413),
+           1.6e-2: (0.413, 0.70, 0.70)}
     runner_module, trained = _runner_without_training(
         monkeypatch, lambda rate, seed: val[rate][seed])
 
