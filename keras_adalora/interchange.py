@@ -182,10 +182,10 @@ def export_peft(model, directory, base_model_name_or_path=None, overwrite=True):
         if head is None or not _is_dense_head(layer):
             left_out.append(path)
             continue
-        kernel = _numpy(layer.kernel)
+        kernel = to_numpy(layer.kernel)
         tensors[f"{_KEY_PREFIX}{head}.weight"] = np.ascontiguousarray(kernel.T)
         if layer.bias is not None:
-            tensors[f"{_KEY_PREFIX}{head}.bias"] = _numpy(layer.bias)
+            tensors[f"{_KEY_PREFIX}{head}.bias"] = to_numpy(layer.bias)
         saved_heads.append(head)
     if left_out:
         warnings.warn(
@@ -245,10 +245,10 @@ def _lora_factors(parts_layers, parts):
             a_blocks.append(None)
             b_blocks.append(None)
             continue
-        a = _numpy(layer.adalora_a).astype("float64")
-        b = _numpy(layer.adalora_b).astype("float64")
-        c = layer.scale * _numpy(layer.adalora_lam).astype("float64")
-        alive = _numpy(layer.rank_mask) > 0.5
+        a = to_numpy(layer.adalora_a).astype("float64")
+        b = to_numpy(layer.adalora_b).astype("float64")
+        c = layer.scale * to_numpy(layer.adalora_lam).astype("float64")
+        alive = to_numpy(layer.rank_mask) > 0.5
         a, b, c = a[:, alive], b[alive, :], c[alive]
         root = np.sqrt(np.abs(c))
         a_blocks.append((a * root).T)
@@ -640,9 +640,6 @@ def _path_is(path, template_path):
 def _is_dense_head(layer):
     return type(layer) is keras.layers.Dense
 
-
-def _numpy(variable):
-    return to_numpy(variable)
 
 
 def _safetensors(caller):

@@ -141,11 +141,11 @@ def save_adapter(model, filepath, overwrite=True):
         for k, layer in enumerate(layers):
             group = f.create_group(f"adapters/{k}")
             for name, variable in layer._adapter_variables().items():
-                group.create_dataset(name, data=_numpy(variable))
+                group.create_dataset(name, data=to_numpy(variable))
         for k, layer in enumerate(trained_layers):
             group = f.create_group(f"trained/{k}")
             for name, variable in _own_weights(layer):
-                group.create_dataset(name, data=_numpy(variable))
+                group.create_dataset(name, data=to_numpy(variable))
 
 
 def load_adapter(model, filepath):
@@ -231,9 +231,6 @@ def _version():
 
     return __version__
 
-
-def _numpy(variable):
-    return to_numpy(variable)
 
 
 def _weighted_layers(model):

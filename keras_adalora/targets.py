@@ -229,13 +229,15 @@ def task_head_layers(model):
     ]
 
 
+def _largest_rank(layer):
+    """The largest rank `layer`'s kernel, read as a matrix, can hold."""
+    return min(adapter_classes()[type(layer)]._adapter_matrix_shape(layer))
+
+
 def _holds_rank(layer, init_rank):
     """Whether `layer`'s kernel, read as a matrix, has rank >= `init_rank`
     (an unbuilt layer is left to `check_wrappable` to refuse)."""
-    if not layer.built:
-        return True
-    d_in, d_out = adapter_classes()[type(layer)]._adapter_matrix_shape(layer)
-    return init_rank <= min(d_in, d_out)
+    return not layer.built or init_rank <= _largest_rank(layer)
 
 
 def select_layers(model, target, keep_trainable=None, init_rank=None):
@@ -320,10 +322,7 @@ def select_layers(model, target, keep_trainable=None, init_rank=None):
             layer for layer in layers if id(layer) not in kept and matches(layer)
         ]
     if not to_adapt and too_small:
-        largest = max(
-            min(adapter_classes()[type(layer)]._adapter_matrix_shape(layer))
-            for layer in too_small
-        )
+        largest = max(_largest_rank(layer) for layer in too_small)
         raise ValueError(
             f"No layer of this model can hold `init_rank`={init_rank} "
             f"components: {len(too_small)} Dense/EinsumDense layers exist "

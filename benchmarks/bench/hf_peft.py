@@ -155,7 +155,7 @@ def peft_model(spec, num_classes, total_steps):
     return peft.get_peft_model(model, config)
 
 
-def quality(spec, splits, record, timer_steps):
+def quality(spec, splits, record):
     """Trains the peer of `spec["method"]`; fills `record` as
     `workers.quality` does and returns it."""
     import numpy as np
@@ -179,7 +179,7 @@ def quality(spec, splits, record, timer_steps):
         if p.requires_grad and "classifier" in n))
     optimizer = torch.optim.AdamW(trainable, lr=0.0, **KERAS_ADAMW)
     model.train()
-    step, losses = 0, []
+    step, losses, step_seconds = 0, [], []
     fit_started = time.perf_counter()
     for _ in range(s["epochs"]):
         losses = []
@@ -197,19 +197,19 @@ def quality(spec, splits, record, timer_steps):
                 model.base_model.update_and_allocate(step)
             optimizer.zero_grad()
             losses.append(float(loss))
-            timer_steps.append(time.perf_counter() - began)
+            step_seconds.append(time.perf_counter() - began)
     record["train_seconds"] = time.perf_counter() - fit_started
     record["steps"] = step
-    record["median_step_seconds"] = float(np.median(timer_steps[1:] or timer_steps))
+    record["median_step_seconds"] = float(np.median(step_seconds[1:] or step_seconds))
     record["final_train_loss"] = float(np.mean(losses))
     for split in ("validation", "test") if spec["evaluate_test"] else ("validation",):
         loss, accuracy = evaluate(model, *splits[split])
         prefix = "val" if split == "validation" else "test"
         record[f"{prefix}_loss"] = loss
         record[f"{prefix}_accuracy"] = accuracy
-    ranks = adalora_ranks(model) if spec["method"] == "peft-adalora" else None
-    if ranks is not None:
-        record["rank_pattern"] = ranks
+    ranks = None
+    if spec["method"] == "peft-adalora":
+        ranks = record["rank_pattern"] = adalora_ranks(model)
     record["adapter_params"] = adapter_params(model, spec["method"], ranks)
     record["trainable_params_final"] = record["adapter_params"] + record["head_params"]
     return record

@@ -10,9 +10,10 @@ where any seed *collapsed* (ended no better than always answering the
 validation split's majority class, within `COLLAPSE_MARGIN`) is ruled out,
 since a rate that fails on one seed in a few fails on test seeds too
 (so the runner stops training a candidate at its first collapsed seed:
-the rest could not change the choice); among the rest the highest mean validation accuracy wins, ties broken by
-the lower mean validation loss, then by the earlier candidate (the lower
-rate of the grid, the earlier variant).
+the rest could not change the choice); among the rest the highest mean
+validation accuracy wins, ties broken by the lower mean validation loss,
+then by the earlier candidate (the lower rate of the grid, the earlier
+variant).
 """
 
 from . import stats

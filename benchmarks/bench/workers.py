@@ -306,7 +306,7 @@ def quality(spec):
     if method in PEFT_METHODS:
         from . import hf_peft
 
-        record = hf_peft.quality(spec, splits, record, [])
+        record = hf_peft.quality(spec, splits, record)
         record["worker_seconds"] = time.perf_counter() - started
         return record
     model = classifier(spec, len(classes))
