@@ -2,9 +2,13 @@
 section 4).
 
 Host-side NumPy on small vectors (a few thousand scores at most), run only at
-mask steps. Every function is exact (the budget is met to the component) and
-deterministic: among equal scores the earlier layer, then the earlier
-component wins, and NaN or -inf scores always rank last.
+mask steps. Budgets count components, or, given `costs` (what one component
+of each layer costs, such as its trainable parameters), those units. Every
+function is exact (a budget in components is met to the component; one in
+other units is never exceeded and leaves less unused than any component
+that could still be kept costs) and deterministic: among equal scores the
+earlier layer, then the earlier component wins, and NaN or -inf scores
+always rank last.
 """
 
 import math
@@ -41,14 +45,32 @@ def rank_bounds(capacities, *, min_rank=0, max_rank=None):
     return lowest, highest
 
 
-def check_budget(budget, capacities, *, min_rank=0, max_rank=None):
-    """Checks that `budget` components can be kept within the rank bounds.
+def _as_costs(costs, count):
+    """One positive integer cost per layer (all 1 when `costs` is None)."""
+    if costs is None:
+        return np.ones(count, dtype=np.int64)
+    values = list(np.asarray(costs).reshape(-1).tolist())
+    if len(values) != count:
+        raise ValueError(
+            f"`costs` must hold one cost per layer: got {len(values)} costs "
+            f"for {count} layers."
+        )
+    for value in values:
+        check_int(value, "costs", 1)
+    return np.asarray(values, dtype=np.int64)
+
+
+def check_budget(budget, capacities, *, min_rank=0, max_rank=None, costs=None):
+    """Checks that `budget` can be spent within the rank bounds.
 
     Args:
-        budget: the number of components to keep alive in all layers.
+        budget: what the alive components of all layers may hold: a number
+            of components, or of `costs` units.
         capacities: the number of components of each layer.
         min_rank: the least rank a layer keeps (capped by its capacity).
         max_rank: the most rank a layer keeps; `None` means its capacity.
+        costs: what one component of each layer costs (integers >= 1);
+            `None` counts components.
 
     Raises:
         ValueError: if an argument is negative or not an integer, if
@@ -61,34 +83,45 @@ def check_budget(budget, capacities, *, min_rank=0, max_rank=None):
     Traceback (most recent call last):
     ...
     ValueError: min_rank=3 needs at least 9 components alive but the budget is 8: lower min_rank or raise target_rank/total_rank.
+    >>> check_budget(20, [4, 4], min_rank=1, costs=[10, 11])
+    Traceback (most recent call last):
+    ...
+    ValueError: min_rank=1 needs at least 21 parameters alive but the budget is 20: lower min_rank or raise target_params.
     """
     budget = check_int(budget, "budget", 0)
     min_rank = check_int(min_rank, "min_rank", 0)
     max_rank = check_int(max_rank, "max_rank", 0, allow_none=True)
     for capacity in capacities:
         check_int(capacity, "capacities", 0)
+    weights = _as_costs(costs, len(capacities))
+    unit, raise_it = (
+        ("components", "target_rank/total_rank")
+        if costs is None
+        else ("parameters", "target_params")
+    )
     if max_rank is not None and min_rank > max_rank:
         raise ValueError(
             f"min_rank={min_rank} is larger than max_rank={max_rank}: lower "
             f"min_rank or raise max_rank."
         )
     lowest, highest = rank_bounds(capacities, min_rank=min_rank, max_rank=max_rank)
-    if budget < lowest.sum():
+    least, most = int((lowest * weights).sum()), int((highest * weights).sum())
+    if budget < least:
         raise ValueError(
-            f"min_rank={min_rank} needs at least {lowest.sum()} components "
+            f"min_rank={min_rank} needs at least {least} {unit} "
             f"alive but the budget is {budget}: lower min_rank or raise "
-            f"target_rank/total_rank."
+            f"{raise_it}."
         )
-    if budget > highest.sum():
+    if budget > most:
         if max_rank is not None and max_rank < max(capacities, default=0):
             raise ValueError(
-                f"max_rank={max_rank} allows at most {highest.sum()} "
-                f"components alive but the budget is {budget}: raise "
-                f"max_rank or lower target_rank/total_rank."
+                f"max_rank={max_rank} allows at most {most} "
+                f"{unit} alive but the budget is {budget}: raise "
+                f"max_rank or lower {raise_it}."
             )
         raise ValueError(
-            f"budget={budget} is more than the {highest.sum()} components "
-            f"the adapted layers hold: lower target_rank/total_rank or adapt "
+            f"budget={budget} is more than the {most} {unit} "
+            f"the adapted layers hold: lower {raise_it} or adapt "
             f"with a larger init_rank."
         )
 
@@ -184,20 +217,31 @@ def _keep_best(scores, count):
     return mask
 
 
-def allocate_global(component_scores, budget, *, min_rank=0, max_rank=None):
-    """Keeps the `budget` best components across all layers.
+def allocate_global(
+    component_scores, budget, *, min_rank=0, max_rank=None, costs=None
+):
+    """Keeps the best components across all layers within `budget`.
 
     The paper's global allocation (SPEC.md section 4): each layer first keeps
     its `min(min_rank, capacity)` best components, then the rest of the
     budget goes to the best remaining components of the whole model,
     skipping layers that reached `max_rank`.
 
+    With `costs`, the budget is in those units and components are ranked
+    by score per unit (`score / cost`); each in turn is kept if it still
+    fits (greedy), so the kept components never cost more than `budget`,
+    and what is left unused is less than any component that could still be
+    kept would cost.
+
     Args:
         component_scores: one 1-D array of scores per layer; its length is
             the layer's capacity (it may be 0).
-        budget: the number of components to keep in all.
+        budget: the number of components to keep in all, or the units they
+            may cost with `costs`.
         min_rank: the least rank a layer keeps.
         max_rank: the most rank a layer keeps; `None` means its capacity.
+        costs: what one component of each layer costs (integers >= 1);
+            `None` counts components.
 
     Returns:
         A list of boolean NumPy arrays, one mask per layer.
@@ -210,32 +254,44 @@ def allocate_global(component_scores, budget, *, min_rank=0, max_rank=None):
     >>> masks = allocate_global([[3.0, 1.0], [2.0, 0.5]], 2)
     >>> [mask.tolist() for mask in masks]
     [[True, False], [True, False]]
+    >>> masks = allocate_global([[3.0, 1.0], [2.0, 0.5]], 20, costs=[10, 4])
+    >>> [mask.tolist() for mask in masks]
+    [[True, False], [True, True]]
     """
     scores = _as_score_vectors(component_scores)
     capacities = [vector.size for vector in scores]
-    check_budget(budget, capacities, min_rank=min_rank, max_rank=max_rank)
+    check_budget(
+        budget, capacities, min_rank=min_rank, max_rank=max_rank, costs=costs
+    )
+    weights = _as_costs(costs, len(capacities))
     lowest, highest = rank_bounds(capacities, min_rank=min_rank, max_rank=max_rank)
     masks = [np.zeros(size, dtype=bool) for size in capacities]
     if not capacities or sum(capacities) == 0:
         return masks
     layers = np.repeat(np.arange(len(scores)), capacities)
     components = np.concatenate([np.arange(size) for size in capacities])
-    key = _ranking_key(np.concatenate(scores))
-    order = np.lexsort((components, layers, key))
+    value = np.concatenate(scores)
+    if costs is not None:
+        value = value / weights[layers]
+    order = np.lexsort((components, layers, _ranking_key(value)))
     alive = np.zeros(len(scores), dtype=np.int64)
     # First pass: every layer's guaranteed minimum, its own best first.
     for layer, component in zip(layers[order], components[order]):
         if alive[layer] < lowest[layer]:
             masks[layer][component] = True
             alive[layer] += 1
-    left = int(budget) - int(alive.sum())
+    left = int(budget) - int((alive * weights).sum())
     for layer, component in zip(layers[order], components[order]):
         if left == 0:
             break
-        if not masks[layer][component] and alive[layer] < highest[layer]:
+        if (
+            not masks[layer][component]
+            and alive[layer] < highest[layer]
+            and weights[layer] <= left
+        ):
             masks[layer][component] = True
             alive[layer] += 1
-            left -= 1
+            left -= int(weights[layer])
     return masks
 
 
@@ -290,7 +346,9 @@ def _water_fill(weights, budget, lowest, highest):
     return shares
 
 
-def layer_ranks(layer_scores, budget, *, capacities, min_rank=0, max_rank=None):
+def layer_ranks(
+    layer_scores, budget, *, capacities, min_rank=0, max_rank=None, costs=None
+):
     """Per-layer ranks proportional to the layer scores, summing to `budget`.
 
     The design note's `r_l = clip(min_rank, max_rank, budget * s_l / sum_k
@@ -301,15 +359,26 @@ def layer_ranks(layer_scores, budget, *, capacities, min_rank=0, max_rank=None):
     the earlier layer). All-zero scores share equally; NaN and -inf count as
     zero, and +inf layers take all they can before the others.
 
+    With `costs`, the shares are of the budget in those units (a layer's
+    bounds cost `rank * cost`); each layer's share rounds down to whole
+    components, and what is left goes, one component at a time, to the
+    largest remainder (in components) whose component still fits. The ranks
+    then cost at most `budget`, and less than any component that could
+    still be added would cost is left unused.
+
     Args:
         layer_scores: one non-negative score per layer.
-        budget: the total rank to hand out.
+        budget: the total rank to hand out, or the units the ranks may
+            cost with `costs`.
         capacities: the number of components of each layer.
         min_rank: the least rank a layer gets.
         max_rank: the most rank a layer gets; `None` means its capacity.
+        costs: what one component of each layer costs (integers >= 1);
+            `None` counts components.
 
     Returns:
-        An int64 NumPy array of ranks with `sum == budget`.
+        An int64 NumPy array of ranks: `sum == budget` in components, or
+        `sum(ranks * costs) <= budget`.
 
     Raises:
         ValueError: as `check_budget`, if a score is negative, or if the
@@ -321,6 +390,8 @@ def layer_ranks(layer_scores, budget, *, capacities, min_rank=0, max_rank=None):
     [6, 2]
     >>> layer_ranks([3.0, 1.0], 8, capacities=[5, 8]).tolist()
     [5, 3]
+    >>> layer_ranks([1.0, 1.0], 100, capacities=[8, 8], costs=[10, 30]).tolist()
+    [7, 1]
     """
     layer_scores = np.asarray(layer_scores, dtype=np.float64).reshape(-1)
     capacities = list(capacities)
@@ -329,21 +400,43 @@ def layer_ranks(layer_scores, budget, *, capacities, min_rank=0, max_rank=None):
             f"`layer_scores` must hold one score per layer: got "
             f"{layer_scores.size} scores for {len(capacities)} capacities."
         )
-    check_budget(budget, capacities, min_rank=min_rank, max_rank=max_rank)
+    check_budget(
+        budget, capacities, min_rank=min_rank, max_rank=max_rank, costs=costs
+    )
+    weights = _as_costs(costs, len(capacities))
     lowest, highest = rank_bounds(capacities, min_rank=min_rank, max_rank=max_rank)
-    shares = _water_fill(_layer_weights(layer_scores), int(budget), lowest, highest)
+    shares = _water_fill(
+        _layer_weights(layer_scores),
+        int(budget),
+        lowest * weights,
+        highest * weights,
+    )
+    # Shares in components: a layer's share of the units over its cost.
+    shares = [share / int(cost) for share, cost in zip(shares, weights)]
     ranks = np.array([math.floor(s) for s in shares], dtype=np.int64)
     remainders = [s - r for s, r in zip(shares, ranks)]
-    # Remainders are < 1 and add up to the shortfall, so each winner has a
-    # positive remainder and room below its upper bound.
-    shortfall = int(budget) - int(ranks.sum())
-    winners = sorted(range(len(shares)), key=lambda l: (-remainders[l], l))
-    ranks[winners[:shortfall]] += 1
+    left = int(budget) - int((ranks * weights).sum())
+    # In components, remainders are < 1 and add up to the shortfall, so
+    # each winner has a positive remainder and room below its upper bound.
+    # In other units, one component at a time to the largest remainder
+    # whose component fits, until none does.
+    while True:
+        fits = [
+            l
+            for l in range(len(shares))
+            if ranks[l] < highest[l] and weights[l] <= left
+        ]
+        if not fits:
+            break
+        winner = min(fits, key=lambda l: (-remainders[l], l))
+        ranks[winner] += 1
+        remainders[winner] -= 1
+        left -= int(weights[winner])
     return ranks
 
 
 def allocate_by_layer(
-    layer_scores, component_scores, budget, *, min_rank=0, max_rank=None
+    layer_scores, component_scores, budget, *, min_rank=0, max_rank=None, costs=None
 ):
     """Gives each layer a rank by its score, then keeps its best components.
 
@@ -354,9 +447,12 @@ def allocate_by_layer(
     Args:
         layer_scores: one non-negative score per layer.
         component_scores: one 1-D array of scores per layer.
-        budget: the number of components to keep in all.
+        budget: the number of components to keep in all, or the units they
+            may cost with `costs`.
         min_rank: the least rank a layer keeps.
         max_rank: the most rank a layer keeps; `None` means its capacity.
+        costs: what one component of each layer costs (integers >= 1);
+            `None` counts components.
 
     Returns:
         A list of boolean NumPy arrays, one mask per layer.
@@ -377,5 +473,6 @@ def allocate_by_layer(
         capacities=[vector.size for vector in scores],
         min_rank=min_rank,
         max_rank=max_rank,
+        costs=costs,
     )
     return [_keep_best(vector, rank) for vector, rank in zip(scores, ranks)]

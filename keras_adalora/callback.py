@@ -15,6 +15,7 @@ from keras_adalora.allocator import RankBudget
 from keras_adalora._validation import check_int
 from keras_adalora.allocator import validate_budget_args
 from keras_adalora.optimizer import AdaLoRAOptimizer
+from keras_adalora.optimizer import BUDGET_UNITS
 
 
 class RankBudgetCallback(keras.callbacks.Callback):
@@ -45,6 +46,15 @@ class RankBudgetCallback(keras.callbacks.Callback):
     on fresh adapters) and `BT = target_rank * n` (or `total_rank`) for `n`
     adapted layers.
 
+    With `target_params` the budget counts parameters instead: the
+    trainable adapter parameters the alive components hold, each
+    component costing its layer's `d_in + d_out + 1` (the kernel read as a
+    `(d_in, d_out)` matrix, as `summary` shows it). `B0` is what the alive
+    components hold, `BT = target_params`, and a mask update keeps the
+    components with the best score per parameter that fit in `b(t)`: the
+    adapters end at or below `target_params`, less than one component's
+    cost below it.
+
     One schedule per compiled model. It is resolved once, at the first
     `fit` with this callback (fractions of `tinit`, `tfinal` taken of that
     fit's length unless `total_steps` says otherwise), and stored with the
@@ -59,12 +69,16 @@ class RankBudgetCallback(keras.callbacks.Callback):
     callback last wrote, with a warning: the model always holds the ranks
     the logs report.
 
-    Every batch and epoch log gains `adalora_budget` (`b(t)`) and
-    `adalora_rank` (alive components in all); put this callback before
-    `TensorBoard` or `CSVLogger` in the list so they record them.
+    Every batch and epoch log gains `adalora_budget` (`b(t)`, in the
+    budget's unit) and `adalora_rank` (alive components in all), and with
+    `target_params` also `adalora_params` (the parameters they hold); put
+    this callback before `TensorBoard` or `CSVLogger` in the list so they
+    record them.
 
     Args:
-        target_rank: average rank per adapted layer at the end of pruning.
+        target_rank: average rank per adapted layer at the end of pruning;
+            `None` (the default) means 8 unless `total_rank` or
+            `target_params` gives the budget.
         init_rank: rank per layer at the start of pruning. Only a check: it
             must lie between the largest alive rank of an adapter and the
             largest rank an adapter holds; `None` (the default) uses what
@@ -94,6 +108,9 @@ class RankBudgetCallback(keras.callbacks.Callback):
         max_rank: most components any layer keeps (default: its capacity).
         total_rank: the final budget `BT` in components, instead of
             `target_rank * n`.
+        target_params: the final budget `BT` in trainable adapter
+            parameters, instead of a budget in components (not with
+            `target_rank` or `total_rank`).
 
     Raises:
         ValueError: in the constructor, or when training begins (before any
@@ -103,11 +120,12 @@ class RankBudgetCallback(keras.callbacks.Callback):
 
     >>> callback = RankBudgetCallback(target_rank=4, tinit=0.1, tfinal=0.7)
     >>> model.fit(x, y, epochs=10, callbacks=[callback])  # doctest: +SKIP
+    >>> by_size = RankBudgetCallback(target_params=200_000)
     """
 
     def __init__(
         self,
-        target_rank=8,
+        target_rank=None,
         init_rank=None,
         tinit=0.1,
         tfinal=0.7,
@@ -120,6 +138,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         min_rank=0,
         max_rank=None,
         total_rank=None,
+        target_params=None,
     ):
         super().__init__()
         (
@@ -129,6 +148,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             self.min_rank,
             self.max_rank,
             self.total_rank,
+            self.target_params,
         ) = validate_budget_args(
             target_rank=target_rank,
             init_rank=init_rank,
@@ -136,6 +156,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             min_rank=min_rank,
             max_rank=max_rank,
             total_rank=total_rank,
+            target_params=target_params,
         )
         self.total_steps = check_int(
             total_steps, "total_steps", 1, allow_none=True
@@ -165,12 +186,19 @@ class RankBudgetCallback(keras.callbacks.Callback):
 
     @property
     def target_budget(self):
-        """The final budget `BT` in rank-1 components (`target_rank` times
-        the number of adapted layers, or `total_rank`); `None` until the
-        callback is set on a model (by `fit`)."""
+        """The final budget `BT`: in rank-1 components (`target_rank` times
+        the number of adapted layers, or `total_rank`), or `target_params`
+        parameters; `None` until the callback is set on a model (by
+        `fit`)."""
         if self._budget is None:
             return None
         return self._budget.target_budget
+
+    @property
+    def budget_unit(self):
+        """What the budget counts: `"components"`, or `"parameters"` with
+        `target_params`."""
+        return "parameters" if self.target_params is not None else "components"
 
     # Setup ----------------------------------------------------------------
 
@@ -185,6 +213,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             min_rank=self.min_rank,
             max_rank=self.max_rank,
             total_rank=self.total_rank,
+            target_params=self.target_params,
         )
         # The optimizer wrapper goes in before any other callback's
         # `on_train_begin`, so that `BackupAndRestore` restores the scores.
@@ -319,6 +348,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             "total_steps": step + length,
             "initial_budget": self._budget.start_budget(),
             "target_budget": self._budget.target_budget,
+            "budget_unit": BUDGET_UNITS.index(self._budget.budget_unit),
         }
 
     def _check_schedule(self, stored):
@@ -329,6 +359,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
             "tinit": start + schedule.resolve_step(self.tinit, length, "tinit"),
             "tfinal": start + schedule.resolve_step(self.tfinal, length, "tfinal"),
             "target_budget": self._budget.target_budget,
+            "budget_unit": BUDGET_UNITS.index(self._budget.budget_unit),
         }
         if self.total_steps is not None:
             asked["total_steps"] = start + self.total_steps
@@ -337,10 +368,15 @@ class RankBudgetCallback(keras.callbacks.Callback):
             return
 
         def describe(values):
-            return ", ".join(
-                f"{key}={values[key] - (start if key != 'target_budget' else 0)}"
-                for key in differ
-            )
+            shown = []
+            for key in differ:
+                if key == "budget_unit":
+                    shown.append(f"a budget in {BUDGET_UNITS[values[key]]}")
+                elif key == "target_budget":
+                    shown.append(f"{key}={values[key]}")
+                else:
+                    shown.append(f"{key}={values[key] - start}")
+            return ", ".join(shown)
 
         raise ValueError(
             "This model's AdaLoRA schedule was fixed when its AdaLoRA "
@@ -348,7 +384,8 @@ class RankBudgetCallback(keras.callbacks.Callback):
             f"{stored['tinit'] - start}, pruning to step "
             f"{stored['tfinal'] - start}, {stored['total_steps'] - start} "
             f"steps in all, budget {stored['initial_budget']} -> "
-            f"{stored['target_budget']} components (steps counted from "
+            f"{stored['target_budget']} {BUDGET_UNITS[stored['budget_unit']]} "
+            "(steps counted from "
             f"{start}). This RankBudgetCallback asks for {describe(asked)} "
             f"instead of {describe(stored)}. A later `fit` continues the "
             "stored schedule: pass the arguments it was made with (the same "
@@ -461,3 +498,5 @@ class RankBudgetCallback(keras.callbacks.Callback):
             return
         logs["adalora_budget"] = self._allocator.budget_at(step)
         logs["adalora_rank"] = self._allocator.alive
+        if self._allocator.budget_unit == "parameters":
+            logs["adalora_params"] = self._allocator.alive_params

@@ -31,9 +31,11 @@ from keras_adalora.adapter import LAM_NAME
 IMPORTANCE_KINDS = tuple(importance_lib.KINDS)
 _ADAPTER_NAMES = (A_NAME, LAM_NAME, B_NAME)
 # The rank schedule as stored in `AdaLoRAOptimizer.schedule`, all in
-# optimizer steps except the budgets (components): where AdaLoRA training
-# started, the last warm-up step, the step the ranks freeze at, the last
-# step of training, and the budgets B0 and BT (SPEC.md section 5).
+# optimizer steps except the budgets: where AdaLoRA training started, the
+# last warm-up step, the step the ranks freeze at, the last step of
+# training, the budgets B0 and BT (SPEC.md section 5), and what they count
+# (an index into `BUDGET_UNITS`; files saved before it existed count
+# components).
 SCHEDULE_FIELDS = (
     "start",
     "tinit",
@@ -41,7 +43,9 @@ SCHEDULE_FIELDS = (
     "total_steps",
     "initial_budget",
     "target_budget",
+    "budget_unit",
 )
+BUDGET_UNITS = ("components", "parameters")
 
 
 def layer_key(variable):
@@ -502,7 +506,11 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             )
             return
         for i, variable in enumerate(own):
-            variable.assign(store[str(i)])
+            value = np.asarray(store[str(i)])
+            if variable is self.schedule and value.shape[0] < len(SCHEDULE_FIELDS):
+                # Saved before the schedule recorded its budget's unit.
+                value = np.concatenate([value, [0]]).astype(value.dtype)
+            variable.assign(value)
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)

@@ -134,9 +134,10 @@ def adapter_table(model, caller="summary"):
 
 
 def _resolve_budget(budget):
-    """`budget` as a number of components (or None)."""
+    """`budget` as `(number, unit)`, the unit `"components"` or
+    `"parameters"` (or `(None, None)`)."""
     if budget is None:
-        return None
+        return None, None
     target = getattr(budget, "target_budget", budget)
     if target is None:
         raise ValueError(
@@ -151,7 +152,7 @@ def _resolve_budget(budget):
             "or the RankBudgetCallback / RankAllocator that trained the "
             f"model. Received: budget={budget!r}"
         )
-    return target
+    return target, getattr(budget, "budget_unit", "components")
 
 
 def summary(model, budget=None, print_fn=None):
@@ -169,8 +170,9 @@ def summary(model, budget=None, print_fn=None):
     Args:
         model: a model adapted with `apply_adalora`.
         budget: the final budget to compare with: the `RankBudgetCallback`
-            (or `RankAllocator`) that trained the model, or a number of
-            components. `None` prints the totals alone.
+            (or `RankAllocator`) that trained the model (its budget in
+            components or, with `target_params`, in parameters), or a
+            number of components. `None` prints the totals alone.
         print_fn: function that takes one line of text; defaults to `print`.
 
     Example:
@@ -194,7 +196,7 @@ def summary(model, budget=None, print_fn=None):
     Parameters: 184 trainable (the adapters store 184), 220 frozen.
     """
     print_fn = print if print_fn is None else print_fn
-    budget = _resolve_budget(budget)
+    budget, unit = _resolve_budget(budget)
     records = adapter_table(model)
     header = ("Layer", "Kind", "Matrix", "Init rank", "Rank", "Parameters")
     rows = [
@@ -238,7 +240,17 @@ def summary(model, budget=None, print_fn=None):
         print_fn(line(row))
     print_fn(rule)
     print_fn(line(total))
-    if budget is not None:
+    if unit == "parameters":
+        spent = sum(r["params"] for r in records)
+        if spent > budget:
+            verdict = (
+                f"{spent - budget:,} parameters above it (pruning has not "
+                "reached tfinal yet)"
+            )
+        else:
+            verdict = f"{spent:,} alive, {budget - spent:,} unused"
+        print_fn(f"Budget: {budget:,} parameters, {verdict}.")
+    elif budget is not None:
         if alive == budget:
             verdict = "reached"
         elif alive > budget:

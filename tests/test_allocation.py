@@ -295,3 +295,109 @@ def test_by_layer_allocation_matches_layer_ranks_on_random_cases():
         for s, mask in zip(scores, masks):
             if mask.any() and not mask.all():
                 assert s[mask].min() >= s[~mask].max()
+
+
+# Budgets in parameters (`costs`) -------------------------------------------------
+
+
+def random_costed_problem(rng):
+    scores, _, min_rank, max_rank, lowest, highest = random_problem(rng)
+    costs = rng.integers(1, 40, size=len(scores))
+    least, most = int((lowest * costs).sum()), int((highest * costs).sum())
+    budget = int(rng.integers(least, most + 1))
+    return scores, budget, min_rank, max_rank, lowest, highest, costs
+
+
+def spent(ranks, costs):
+    return int(sum(int(r) * int(c) for r, c in zip(ranks, costs)))
+
+
+def test_components_are_ranked_by_score_per_parameter():
+    # By score the wide layer's components win; per parameter the narrow
+    # layer's do (3/10 > 8/100 > 2/10 > 5/100).
+    scores = [[8.0, 5.0], [3.0, 2.0]]
+    costs = [100, 10]
+    by_score = allocate_global(scores, 2)
+    assert as_lists(by_score) == [[True, True], [False, False]]
+    masks = allocate_global(scores, 120, costs=costs)
+    assert as_lists(masks) == [[True, False], [True, True]]
+    # 110 fits the narrow layer's two and none of the wide layer's.
+    assert as_lists(allocate_global(scores, 110, costs=costs)) == [
+        [False, False], [True, True]]
+
+
+def test_a_component_that_does_not_fit_is_skipped_for_a_cheaper_one():
+    # The best ratio (wide, 60 / 50) fits; the next (wide, 50 / 50) does not
+    # in the 30 left, so the narrow component (10 / 10) takes its place.
+    masks = allocate_global([[60.0, 50.0], [10.0]], 80, costs=[50, 10])
+    assert as_lists(masks) == [[True, False], [True]]
+
+
+def test_unit_costs_allocate_exactly_as_a_budget_in_components():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        scores, budget, min_rank, max_rank, *_ = random_problem(rng)
+        ones = [1] * len(scores)
+        kwargs = dict(min_rank=min_rank, max_rank=max_rank)
+        assert as_lists(allocate_global(scores, budget, costs=ones, **kwargs)) == as_lists(
+            allocate_global(scores, budget, **kwargs))
+        layer_scores = [float(s.sum()) for s in scores]
+        capacities = [s.size for s in scores]
+        np.testing.assert_array_equal(
+            layer_ranks(layer_scores, budget, capacities=capacities, costs=ones, **kwargs),
+            layer_ranks(layer_scores, budget, capacities=capacities, **kwargs))
+
+
+@pytest.mark.parametrize("by_layer", [False, True])
+def test_a_budget_in_parameters_is_never_exceeded_and_never_wasted(by_layer):
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        scores, budget, min_rank, max_rank, lowest, highest, costs = (
+            random_costed_problem(rng))
+        kwargs = dict(min_rank=min_rank, max_rank=max_rank, costs=costs)
+        if by_layer:
+            layer_scores = rng.random(len(scores)) * (rng.random(len(scores)) > 0.3)
+            masks = allocate_by_layer(layer_scores, scores, budget, **kwargs)
+        else:
+            masks = allocate_global(scores, budget, **kwargs)
+        ranks = np.array([int(m.sum()) for m in masks])
+        assert np.all(ranks >= lowest) and np.all(ranks <= highest)
+        left = budget - spent(ranks, costs)
+        assert left >= 0
+        # Every layer that could take one more component costs more than
+        # what is left.
+        room = ranks < highest
+        assert np.all(np.asarray(costs)[room] > left)
+
+
+def test_layer_shares_of_a_budget_in_parameters_follow_the_scores():
+    # Equal scores: half the budget each, 50 / 10 = 5 components and
+    # 50 / 30 -> 1; the 20 left buy two more of the cheap layer's.
+    ranks = layer_ranks([1.0, 1.0], 100, capacities=[8, 8], costs=[10, 30])
+    assert ranks.tolist() == [7, 1]
+    # Three times the score: 25 -> 2 components of 10 and 75 -> 2 of 30,
+    # both remainders 0.5; the 20 left go to the earlier layer (the later
+    # one's component does not fit), twice.
+    ranks = layer_ranks([1.0, 3.0], 100, capacities=[8, 8], costs=[10, 30])
+    assert ranks.tolist() == [4, 2]
+    # 55 each: 5.5 and 1.83 components, so the 30 left go to the larger
+    # remainder, the dear layer's, whose component fits.
+    ranks = layer_ranks([1.0, 1.0], 110, capacities=[8, 8], costs=[10, 30])
+    assert ranks.tolist() == [5, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": 20, "min_rank": 1}, "min_rank=1 needs at least 21 parameters.*target_params"),
+        ({"budget": 90, "max_rank": 2}, "max_rank=2 allows at most 42 parameters"),
+        ({"budget": 100}, "more than the 84 parameters"),
+        ({"budget": 10, "costs": [10, 0]}, "costs"),
+        ({"budget": 10, "costs": [10]}, "one cost per layer"),
+    ],
+)
+def test_budgets_in_parameters_are_checked_in_parameters(kwargs, message):
+    kwargs = {"costs": [10, 11], **kwargs}
+    budget = kwargs.pop("budget")
+    with pytest.raises(ValueError, match=message):
+        check_budget(budget, [4, 4], **kwargs)
