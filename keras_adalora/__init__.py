@@ -7,6 +7,8 @@ from keras_adalora.disabling import disable_adapter
 from keras_adalora.export import compact_adalora
 from keras_adalora.export import get_rank_pattern
 from keras_adalora.export import merge_adalora
+from keras_adalora.history import export_rank_history
+from keras_adalora.history import rank_history
 from keras_adalora.interchange import export_peft
 from keras_adalora.interchange import import_peft
 from keras_adalora.layers import AdaLoRAConv1D
@@ -19,6 +21,7 @@ from keras_adalora.layers import AdaLoRAPositionEmbedding
 from keras_adalora.layers import AdaLoRAReversibleEmbedding
 from keras_adalora.optimizer import AdaLoRAOptimizer
 from keras_adalora.plotting import plot_rank_allocation
+from keras_adalora.plotting import plot_rank_history
 from keras_adalora.saving import load_adapter
 from keras_adalora.saving import save_adapter
 from keras_adalora.summary import summary
@@ -41,11 +44,14 @@ __all__ = [
     "compact_adalora",
     "disable_adapter",
     "export_peft",
+    "export_rank_history",
     "get_rank_pattern",
     "import_peft",
     "load_adapter",
     "merge_adalora",
     "plot_rank_allocation",
+    "plot_rank_history",
+    "rank_history",
     "save_adapter",
     "summary",
 ]

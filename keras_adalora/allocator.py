@@ -526,7 +526,15 @@ class RankAllocator:
                 max_rank=self.max_rank,
                 costs=self.budget.allocation_costs,
             )
-        self.write_masks(allocation_lib.expand_to_layers(kept, alive))
+        masks = allocation_lib.expand_to_layers(kept, alive)
+        self.optimizer.record_rank_drops(
+            {
+                path: int(before.sum()) - int(after.sum())
+                for path, before, after in zip(self.paths, alive, masks)
+            },
+            step,
+        )
+        self.write_masks(masks)
         self.optimizer.last_mask_step.assign(step)
         self.last_mask_step = step
         return True

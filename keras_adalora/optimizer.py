@@ -24,6 +24,7 @@ from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution
 from keras_adalora import _keras
 from keras_adalora import importance as importance_lib
+from keras_adalora._validation import check_int
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
 from keras_adalora.adapter import LAM_NAME
@@ -90,6 +91,9 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         importance: `"sensitivity"`, `"frobenius"`, or an
             `importance.Importance` of your own (which carries its own
             betas; see `keras_adalora.importance`).
+        history_capacity: how many rank drops the rank history keeps per
+            layer (`rank_drops`); `None` sizes it at `build` to the
+            largest adapter, which holds every drop a schedule can make.
         name: optional name.
 
     Example:
@@ -105,6 +109,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         beta1=0.85,
         beta2=0.85,
         importance="sensitivity",
+        history_capacity=None,
         name=None,
         **kwargs,
     ):
@@ -120,8 +125,12 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             )
         importance_lib.validate_betas(beta1, beta2)
         kind = importance_lib.get(importance, beta1, beta2)
+        history_capacity = check_int(
+            history_capacity, "history_capacity", 1, allow_none=True
+        )
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner_optimizer
+        self.history_capacity = history_capacity
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
         # The kind of score (`importance.Importance`); `importance` is its
@@ -214,6 +223,23 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             dtype="int",
             aggregation=_distribution.REPLICATED_AGGREGATION,
             name="schedule",
+        )
+        # The rank history: per scored layer, the optimizer steps at which
+        # it lost a component, in order, -1 in the slots not used yet (see
+        # `record_rank_drops`). Sized once (then kept in the config), so
+        # that compaction and reloading carry it over. Created last: files
+        # saved before it existed lack only this variable.
+        if self.history_capacity is None:
+            self.history_capacity = max(
+                (int(p[LAM_NAME].shape[0]) for p in self._adapter_layers.values()),
+                default=1,
+            ) or 1
+        self.rank_drops = self.add_variable(
+            shape=(len(self._adapter_layers), self.history_capacity),
+            initializer=keras.initializers.Constant(-1),
+            dtype="int",
+            aggregation=_distribution.REPLICATED_AGGREGATION,
+            name="rank_drops",
         )
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -350,6 +376,28 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         self.schedule.assign(
             np.asarray([int(schedule[k]) for k in SCHEDULE_FIELDS], "int32")
         )
+
+    def record_rank_drops(self, dropped_by_path, step):
+        """Adds to the rank history: each layer in `dropped_by_path` lost
+        that many components at optimizer `step`."""
+        drops = np.array(to_numpy(self.rank_drops), dtype="int32")
+        keys = list(self._adapter_layers)
+        for path, count in dropped_by_path.items():
+            if count <= 0 or path not in keys:
+                continue
+            row = drops[keys.index(path)]
+            free = np.flatnonzero(row < 0)[: int(count)]
+            row[free] = step
+        self.rank_drops.assign(drops)
+
+    def rank_drops_on_host(self):
+        """`{layer path: [steps]}`: the steps at which each scored layer
+        lost a component, once per component, in order."""
+        drops = to_numpy(self.rank_drops)
+        return {
+            key: [int(s) for s in drops[i] if s >= 0]
+            for i, key in enumerate(self._adapter_layers)
+        }
 
     def _update_scores(self, grads, variables):
         by_path = {
@@ -495,6 +543,9 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
     def load_own_variables(self, store):
         own = _keras.optimizer_own_variables(self)
+        if len(store.keys()) == len(own) - 1 and own[-1] is self.rank_drops:
+            # Saved before the rank history existed: it starts empty.
+            own = own[:-1]
         if len(store.keys()) != len(own):
             warnings.warn(
                 f"Skipping variable loading for optimizer '{self.name}': it "
@@ -528,6 +579,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 if isinstance(self.importance, str)
                 else keras.saving.serialize_keras_object(self.importance)
             ),
+            "history_capacity": self.history_capacity,
         }
 
     @classmethod

@@ -1,11 +1,33 @@
-"""`plot_rank_allocation`: where the rank went, as in the AdaLoRA paper."""
+"""`plot_rank_allocation`: where the rank went, as in the AdaLoRA paper;
+`plot_rank_history`: when it went."""
 
 import os
 
 import numpy as np
 
+from keras_adalora.history import rank_history
 from keras_adalora.summary import adapter_table
 from keras_adalora.summary import block_grid
+
+
+def _matplotlib(caller):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            f"`{caller}` needs matplotlib. Install it with "
+            "`pip install matplotlib` (or `pip install keras-adalora[examples]`)."
+        ) from None
+    return FigureCanvasAgg, Figure
+
+
+def _save(figure, path):
+    if path is not None:
+        folder = os.path.dirname(os.fspath(path))
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        figure.savefig(path, dpi=150, bbox_inches="tight")
 
 def plot_rank_allocation(model, path=None, title=None):
     """Draws the active rank of every adapted layer, to a PNG.
@@ -39,14 +61,7 @@ def plot_rank_allocation(model, path=None, title=None):
     >>> os.path.getsize(path) > 0
     True
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(
-            "`plot_rank_allocation` needs matplotlib. Install it with "
-            "`pip install matplotlib` (or `pip install keras-adalora[examples]`)."
-        ) from None
+    FigureCanvasAgg, Figure = _matplotlib("plot_rank_allocation")
     records = adapter_table(model, caller="plot_rank_allocation")
     by_path = {r["path"]: r for r in records}
     alive = sum(r["active_rank"] for r in records)
@@ -63,11 +78,72 @@ def plot_rank_allocation(model, path=None, title=None):
         figure = _heatmap(Figure, by_path, grid)
     figure.suptitle(title, fontsize=10)
     FigureCanvasAgg(figure)
-    if path is not None:
-        folder = os.path.dirname(os.fspath(path))
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        figure.savefig(path, dpi=150, bbox_inches="tight")
+    _save(figure, path)
+    return figure
+
+
+def plot_rank_history(model, path=None, title=None):
+    """Draws how the budget and every layer's rank fell during training.
+
+    Two panels over optimizer steps (from `rank_history`): above, the
+    schedule's budget `b(t)` with the total the layers held; below, one
+    step line per adapted layer, its active rank, coloured by role
+    (attention, feed-forward, embeddings, other). Needs matplotlib; it draws
+    on its own figure and leaves pyplot's state alone.
+
+    Args:
+        model: as in `rank_history`.
+        path: where to write the PNG (its folder is created if missing);
+            `None` writes nothing.
+        title: the figure's title; defaults to the model's name.
+
+    Returns:
+        The `matplotlib.figure.Figure`.
+
+    Raises:
+        ValueError: as `rank_history`.
+
+    Example:
+
+    >>> keras_adalora.plot_rank_history(model, "history.png")  # doctest: +SKIP
+    """
+    FigureCanvasAgg, Figure = _matplotlib("plot_rank_history")
+    history = rank_history(model)
+    steps = history["steps"]
+    roles = {r["path"]: r["role"] for r in adapter_table(model, "plot_rank_history")}
+    figure = Figure(figsize=(7.0, 5.0))
+    top, bottom = figure.subplots(
+        2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2]}
+    )
+    unit = history["budget_unit"]
+    top.step(steps, history["budget"], where="post", color="black", label="budget b(t)")
+    if unit == "components":
+        held = [sum(r[i] for r in history["ranks"].values()) for i in range(len(steps))]
+        top.step(steps, held, where="post", color="#2a7f62", linestyle="--",
+                 label="components alive")
+    top.set_ylabel(unit)
+    top.legend(fontsize=8)
+    colours = {"attention": "#1f77b4", "ffn": "#d62728", "embeddings": "#9467bd",
+               "position_embeddings": "#8c564b"}
+    by_layer = len(roles) <= 10 and not any(roles.values())
+    shown = set()
+    for path_, ranks in history["ranks"].items():
+        if by_layer:
+            # A few layers without roles: one colour and label each.
+            bottom.step(steps, ranks, where="post", label=path_)
+            continue
+        role = roles.get(path_) or "other"
+        bottom.step(steps, ranks, where="post", linewidth=0.9, alpha=0.7,
+                    color=colours.get(role, "#7f7f7f"),
+                    label=None if role in shown else role)
+        shown.add(role)
+    bottom.yaxis.get_major_locator().set_params(integer=True)
+    bottom.set_ylabel("active rank per layer")
+    bottom.set_xlabel("optimizer step")
+    bottom.legend(fontsize=8)
+    figure.suptitle(title or f"AdaLoRA rank history of '{model.name}'", fontsize=10)
+    FigureCanvasAgg(figure)
+    _save(figure, path)
     return figure
 
 

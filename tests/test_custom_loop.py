@@ -67,3 +67,20 @@ def test_the_allocator_checks_its_arguments_against_the_model(kwargs, message):
         RankAllocator(
             model, optimizer, **{"target_rank": 2, "tinit": 1, "tfinal": 5, **kwargs}
         )
+
+
+def test_a_custom_loop_prunes_to_a_parameter_budget():
+    # Components of used_1 (12 x 16) and dead_1 cost 29, of used_2 and dead_2
+    # (16 x 16) 33: 4 x 29 + 4 x 33 = 248 parameters fit the used branch.
+    model = two_branch_model()
+    optimizer = AdaLoRAOptimizer(keras.optimizers.Adam(0.01))
+    optimizer.watch(model)
+    optimizer.build(model.trainable_variables)
+    allocator = RankAllocator(
+        model, optimizer, target_params=248, tinit=8, tfinal=32, delta_t=4, total_steps=40
+    )
+    assert allocator.budget_unit == "parameters"
+    assert allocator.alive_params == allocator.budget_at(8) == 496
+    run_loop(model, optimizer, allocator, steps=40)
+    assert allocator.frozen and allocator.alive_params == allocator.spent == 248
+    assert get_rank_pattern(model) == {"used_1": 4, "used_2": 4, "dead_1": 0, "dead_2": 0}
