@@ -3,8 +3,13 @@ a trained head, with choices made on validation and paired seeds on test.
 
 Model: all-MiniLM-L6-v2 as a KerasHub `BertTextClassifier`; data: the
 SpamAssassin copy in `examples/spam_assassin/` (`spam`: ham vs spam;
-`source`: which of 5 corpus folders). Fit and validation e-mails come from
-the `train` split, the test e-mails are the whole `test` split (1,209).
+`source`: which of 5 corpus folders) and the WordNet 3.0 nouns in
+`examples/wordnet_nouns/` (`nouns`: which of 26 lexicographer files a
+synset is in). Fit and validation examples come from the `train` split,
+test examples from the `test` split (all of it unless `--test-examples`:
+1,209 e-mails, 16,423 synsets). A regime with other data sizes (such as
+1,000 or 8,000 fit examples on `nouns`) keeps its own results: give it
+its own `--out`.
 
 For each task, method and budget (the average final rank per layer: `low`
 2, `mid` 8), every learning rate of the method's grid trains on the fit
@@ -20,6 +25,7 @@ to `<out>/RESULTS.md` (its prose lives in `bench/report.md`).
     python benchmarks/compare.py --select-only --variants rank-free,rank-free-long-final
     python benchmarks/compare.py --report-only
     python benchmarks/compare.py --smoke --out /tmp/bench       # tiny, for CI
+    python benchmarks/compare.py --smoke --tasks nouns --methods adalora,uniform --out /tmp/n
 
 The code: `bench/protocol.py` (what is compared), `bench/data.py`,
 `bench/workers.py` (one run), `bench/runner.py` (which runs),
@@ -57,8 +63,12 @@ def parse_args(argv=None):
                         default=os.environ.get("KERAS_BACKEND", "jax"),
                         help="Keras backend of every run ($KERAS_BACKEND if set)")
     parser.add_argument("--parts", default="quality", help="quality, speed or both")
-    parser.add_argument("--tasks", default="spam,source", help="of: " + ", ".join(TASKS))
-    parser.add_argument("--methods", default=",".join(METHODS), help="of: " + ", ".join(METHODS))
+    parser.add_argument("--tasks", default=None,
+                        help="of: " + ", ".join(TASKS) + " (default: spam,source; spam with "
+                        "--smoke)")
+    parser.add_argument("--methods", default=None,
+                        help="of: " + ", ".join(METHODS) + " (default: all; adalora, uniform "
+                        "and the peers with --smoke)"),
     parser.add_argument("--budgets", default=",".join(BUDGETS),
                         help="of: " + ", ".join(f"{k} (average rank {v})" for k, v in BUDGETS.items()))
     parser.add_argument("--variants", default="sqrt,rank-free",
@@ -74,7 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--fit-examples", type=int, default=640)
     parser.add_argument("--validation-examples", type=int, default=300)
     parser.add_argument("--test-examples", type=int, default=None,
-                        help="default: the whole test split (1,209)")
+                        help="default: the whole test split (1,209 e-mails, 16,423 synsets)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--sequence-length", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -93,11 +103,14 @@ def parse_args(argv=None):
     if args.worker or args.report_only:
         return args
     if args.smoke:
-        args.tasks, args.budgets = "spam", "low"
-        args.methods = "adalora,uniform,peft-adalora,peft-lora"
-        args.variants = "rank-free"
+        args.tasks = args.tasks or "spam"
+        args.budgets = "low"
+        args.methods = args.methods or "adalora,uniform,peft-adalora,peft-lora"
+        args.variants = "rank-free,rank-free-params"
         args.seeds, args.fit_examples, args.validation_examples = 2, 16, 8
         args.test_examples, args.epochs, args.sequence_length, args.batch_size = 8, 1, 16, 8
+    args.tasks = args.tasks or "spam,source"
+    args.methods = args.methods or ",".join(METHODS)
     args.parts = _split(parser, args.parts, ("quality", "speed"), "--parts")
     args.tasks = _split(parser, args.tasks, tuple(TASKS), "--tasks")
     args.methods = _split(parser, args.methods, tuple(METHODS), "--methods")

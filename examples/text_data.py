@@ -1,8 +1,9 @@
 """Text classification data for the examples and the benchmark.
 
 One function, `load_text_classification`, serves every data set through
-`tfds.load`: the offline SpamAssassin copy shipped in
-`examples/spam_assassin/` (the default) and any TensorFlow Datasets text
+`tfds.load`: the offline copies shipped in `examples/`, SpamAssassin
+(`examples/spam_assassin/`, the default) and WordNet 3.0 nouns
+(`examples/wordnet_nouns/`), and any TensorFlow Datasets text
 classification set, such as `imdb_reviews`, for users with a network.
 """
 
@@ -11,13 +12,23 @@ import importlib
 import numpy as np
 
 DEFAULT_DATASET = "spam_assassin"
-EXAMPLE_DATASETS = ("spam_assassin", "spam_assassin/source", "imdb_reviews")
+EXAMPLE_DATASETS = (
+    "spam_assassin",
+    "spam_assassin/source",
+    "wordnet_nouns",
+    "imdb_reviews",
+)
+# The packages in examples/ whose import registers an offline tfds builder
+# of the same name.
+OFFLINE_DATASETS = ("spam_assassin", "wordnet_nouns")
 
 
-def _register_spam_assassin():
-    # Importing the package registers the offline `spam_assassin` builder:
-    # `spam_assassin` with examples/ on sys.path, else `examples.spam_assassin`.
-    importlib.import_module(f"{__package__}.spam_assassin" if __package__ else "spam_assassin")
+def _register_offline_datasets():
+    # Importing a package registers its offline builder: `spam_assassin`
+    # with examples/ on sys.path, else `examples.spam_assassin`; the same for
+    # `wordnet_nouns`.
+    for name in OFFLINE_DATASETS:
+        importlib.import_module(f"{__package__}.{name}" if __package__ else name)
 
 
 def _check_dataset(dataset, data_dir):
@@ -40,7 +51,8 @@ def _check_dataset(dataset, data_dir):
         raise ValueError(
             f"Unknown dataset={dataset!r}: no TensorFlow Datasets builder is "
             f"called {name!r}.{hint} Pass 'spam_assassin' (offline, the "
-            "default), 'spam_assassin/source' (its 5-way variant) or a TFDS "
+            "default), 'spam_assassin/source' (its 5-way variant), "
+            "'wordnet_nouns' (offline, WordNet nouns in 26 classes) or a TFDS "
             "text classification set such as 'imdb_reviews' "
             "(`tfds.list_builders()` lists them all)."
         )
@@ -122,7 +134,10 @@ def load_text_classification(
     `examples/spam_assassin/` and needs no network (about 5 s the first
     time per `data_dir`, then it reads the prepared files);
     `"spam_assassin/source"` is its harder 5-way variant (which folder of
-    the corpus a message is from). Other TFDS text sets such as
+    the corpus a message is from). `"wordnet_nouns"` (82,115 WordNet 3.0
+    noun synsets, "lemmas: gloss", in 26 lexicographer-file classes) is
+    offline too, from `examples/wordnet_nouns/` (about 10 s to build the
+    first time per `data_dir`). Other TFDS text sets such as
     `"imdb_reviews"` are downloaded by tfds the first time.
 
     Args:
@@ -167,7 +182,7 @@ def load_text_classification(
         )
     import tensorflow_datasets as tfds
 
-    _register_spam_assassin()
+    _register_offline_datasets()
     builder = _check_dataset(dataset, data_dir)
     label_key = builder.info.supervised_keys[1]
 

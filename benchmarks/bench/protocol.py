@@ -3,7 +3,7 @@
 Nothing here imports Keras; the runner and the report read these tables.
 """
 
-TASKS = {"spam": "spam_assassin", "source": "spam_assassin/source"}
+TASKS = {"spam": "spam_assassin", "source": "spam_assassin/source", "nouns": "wordnet_nouns"}
 
 # Per method: its label in the report, whether it has a rank budget, and
 # the learning rates the validation split chooses from (the three adapter
@@ -112,8 +112,10 @@ def cell_name(task, method, budget):
 
 # AdaLoRA settings compared on the validation split (`--variants`): each
 # sets the adapters' scale rule and other `apply_adalora` arguments
-# (`adalora`, given to the uniform control too) or the callback's schedule
-# (`schedule`, fractions of the run; AdaLoRA only). Records keep the
+# (`adalora`, given to the uniform control too), the callback's schedule
+# (`schedule`, fractions of the run; AdaLoRA only) or its budget's unit
+# (`budget`: "parameters" gives AdaLoRA `target_params`, the parameters
+# the uniform control's adapters hold; AdaLoRA only). Records keep the
 # variant's name, and the rule is applied explicitly (see
 # `workers.set_scale`), so they keep their meaning when defaults change.
 # `control`: the variant of the uniform control with the same adapters
@@ -169,6 +171,21 @@ VARIANTS = {
         "doc": "peft-init, and PEFT's orthogonality penalty: the unsquared Frobenius "
         "norms averaged over the 2n factors, weight 0.5 (ours: squared, summed, 0.1 "
         "per layer)",
+    },
+    "rank-free-params": {
+        "adalora": {"scale": "rank-free"},
+        "budget": "parameters",
+        "control": "rank-free",
+        "doc": "rank-free, with the budget in parameters: AdaLoRA ends holding "
+        "at most the parameters of the uniform control's adapters "
+        "(`target_params`), where a budget in components lets it keep more",
+    },
+    "peft-init-peft-penalty-params": {
+        "adalora": {"scale": "unit", "factors": "normal-0.02", "penalty": "peft"},
+        "budget": "parameters",
+        "control": "peft-init-peft-penalty",
+        "doc": "peft-init-peft-penalty, with the budget in parameters (as "
+        "rank-free-params)",
     },
     "peft-init-no-orth": {
         "adalora": {"scale": "unit", "factors": "normal-0.02", "orth_reg_weight": 0.0},

@@ -202,6 +202,7 @@ class Runner:
             "task": task, "method": method, "budget": budget, "variant": variant,
             "learning_rate": rate, "seed": seed, "evaluate_test": evaluate_test,
             "target_rank": target, "adalora": adalora, "schedule": schedule,
+            "budget_unit": VARIANTS[variant].get("budget", "components"),
         }
         if target and own_layers:
             spec["init_rank"] = adapter_rank_of(method, target)

@@ -321,9 +321,21 @@ def quality(spec):
         adapt(model, init, adalora, target, seed)
         record["init_rank"] = init
         if method == "adalora":
-            budget = keras_adalora.RankBudgetCallback(
-                target_rank=target, **spec["schedule"]
-            )
+            if spec.get("budget_unit") == "parameters":
+                # What the uniform control's adapters hold: `target`
+                # components of every adapted layer.
+                goal = target * sum(
+                    d_in + d_out + 1
+                    for d_in, d_out in (r["shape"] for r in adapter_table(model))
+                )
+                record["budget_params"] = goal
+                budget = keras_adalora.RankBudgetCallback(
+                    target_params=goal, **spec["schedule"]
+                )
+            else:
+                budget = keras_adalora.RankBudgetCallback(
+                    target_rank=target, **spec["schedule"]
+                )
             callbacks.insert(0, budget)
     elif method == "lora":
         rank = max(1, round(spec["lora_goal_params"] / lora_params_per_rank(model)))
@@ -356,7 +368,8 @@ def quality(spec):
 
     if method == "adalora":
         record["rank_pattern"] = keras_adalora.get_rank_pattern(model)
-        record["budget_components"] = budget.target_budget
+        if budget.budget_unit == "components":
+            record["budget_components"] = budget.target_budget
         if spec.get("plot"):
             plot = pathlib.Path(spec["plot"])
             keras_adalora.plot_rank_allocation(
