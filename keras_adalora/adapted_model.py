@@ -33,6 +33,8 @@ import keras
 
 from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
+from keras_adalora._untrusted import Source
+from keras_adalora._untrusted import short
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.disabling import is_disabled
 
@@ -66,12 +68,22 @@ class _AdaptedLayer:
     @classmethod
     def from_config(cls, config):
         for key in ("base", "adaptation"):
-            if key not in config:
+            if not isinstance(config, dict) or key not in config:
+                keys = sorted(config) if isinstance(config, dict) else config
                 raise ValueError(
                     "This config was not written for an AdaLoRA-adapted model "
                     f"(it has no '{key}' entry). Received: config keys "
-                    f"{sorted(config)}"
+                    f"{short(keys)}"
                 )
+            if not isinstance(config[key], dict):
+                raise ValueError(
+                    f"The '{key}' entry of this AdaLoRA-adapted model's config "
+                    "must be a JSON object; it is a "
+                    f"{type(config[key]).__name__}. The file is damaged or "
+                    "was edited: load an undamaged copy."
+                )
+        # Under the caller's safe mode (Keras's scope): a `Lambda` in the
+        # base model is refused as in a plain model.
         obj = keras.saving.deserialize_keras_object(config["base"])
         restore_adaptation(obj, config["adaptation"])
         return obj
@@ -166,6 +178,9 @@ def join_fit(model, callback):
 
 # The adaptation record -------------------------------------------------------
 
+# An adapter's settings in the record, as `_adapter_config` gives them.
+_SETTINGS = ("init_rank", "alpha", "dropout", "orth_reg_weight", "adapter_rank")
+
 
 def recorded_layers(obj):
     """The layers of `obj` (itself first) in the order the record lists
@@ -243,18 +258,27 @@ def restore_adaptation(obj, record):
 
     Raises:
         ValueError: if the rebuilt model does not have the recorded layers
-            (the code that builds it changed since the file was saved), or
-            the record was written by a newer keras-adalora.
+            (the code that builds it changed since the file was saved), the
+            record was written by a newer keras-adalora, or it is damaged
+            (an entry of the wrong type, an index out of range, settings no
+            adapter can have): all checked before any layer is adapted.
     """
     from keras_adalora.layers import ADAPTED_CLASSES
 
-    version = record.get("version", 0)
+    source = Source(
+        f"The AdaLoRA adaptation record in the saved config of '{obj.name}'",
+        "Load an undamaged copy of the file the model was saved to, or save "
+        "the model again.",
+    )
+    source.mapping(record, "record")
+    version = source.get(record, "version", "record", source.integer, 0)
     if version > RECORD_VERSION:
         raise ValueError(
             f"This model was saved by a newer keras-adalora (adaptation "
             f"record version {version}; this one reads {RECORD_VERSION}). "
             "Upgrade keras-adalora."
         )
+    record = _check_record(record, source)
     layers = recorded_layers(obj)
     entries = record["layers"]
     found = [_plain_class_name(layer) for layer in layers]
@@ -275,18 +299,31 @@ def restore_adaptation(obj, record):
             "with the version of that code it was saved with."
         )
     by_name = {cls.__name__: cls for cls in ADAPTED_CLASSES}
-    for adapter in record["adapters"]:
-        layer = layers[adapter["index"]]
-        settings = {
-            key: adapter[key]
-            for key in (
-                "init_rank",
-                "alpha",
-                "dropout",
-                "orth_reg_weight",
-                "adapter_rank",
+    # Check every adapter before adapting any.
+    plans = []
+    adapted = set()
+    for k, adapter in enumerate(record["adapters"]):
+        where = f"record['adapters'][{k}]"
+        index = adapter["index"]
+        if index >= len(layers):
+            raise source.damaged(
+                f"{where} adapts the layer at index {index}, of a model of "
+                f"{len(layers)} recorded layers"
             )
-        }
+        if index in adapted:
+            raise source.damaged(
+                f"{where} adapts the layer at index {index}, which an "
+                "earlier entry adapts too"
+            )
+        adapted.add(index)
+        cls = by_name.get(adapter["class"])
+        if cls is None:
+            raise source.damaged(
+                f"{where} names the class {short(adapter['class'])}, which is "
+                f"not an AdaLoRA layer (those are {sorted(by_name)})"
+            )
+        layer = layers[index]
+        settings = {key: adapter[key] for key in _SETTINGS}
         if isinstance(layer, AdaLoRAAdapter):
             if layer._adapter_config() != settings:
                 raise ValueError(
@@ -295,7 +332,16 @@ def restore_adaptation(obj, record):
                     f"{settings}. The file is damaged or was edited."
                 )
             continue
-        by_name[adapter["class"]].adapt_in_place(layer, **settings)
+        try:
+            cls.validate_args(**settings)
+            cls.check_wrappable(layer, settings["init_rank"])
+        except ValueError as error:
+            raise source.damaged(
+                f"{where} cannot adapt layer '{layer.path}' ({error})"
+            ) from None
+        plans.append((cls, layer, settings))
+    for cls, layer, settings in plans:
+        cls.adapt_in_place(layer, **settings)
     for layer, entry in zip(layers, entries):
         layer.trainable = entry["trainable"]
     for layer, entry in zip(layers, entries):
@@ -305,3 +351,49 @@ def restore_adaptation(obj, record):
                 variable.trainable = False
     refresh_tracked_parameters(obj)
     return mark_adapted(obj)
+
+
+def _check_record(record, source):
+    """The adaptation record read from a saved config (a JSON object), every
+    entry's type checked (the settings' values are the adapter's own to
+    check)."""
+    get = source.get
+    layers = []
+    for k, entry in enumerate(get(record, "layers", "record", source.sequence)):
+        where = f"record['layers'][{k}]"
+        source.mapping(entry, where)
+        frozen = get(entry, "frozen_variables", where, source.sequence)
+        for j, name in enumerate(frozen):
+            source.text(name, f"{where}['frozen_variables'][{j}]")
+        layers.append(
+            {
+                "path": get(entry, "path", where, source.text),
+                "class": get(entry, "class", where, source.text),
+                "trainable": get(entry, "trainable", where, source.flag),
+                "frozen_variables": frozen,
+            }
+        )
+    adapters = []
+    for k, entry in enumerate(
+        get(record, "adapters", "record", source.sequence)
+    ):
+        where = f"record['adapters'][{k}]"
+        source.mapping(entry, where)
+        adapters.append(
+            {
+                "index": get(entry, "index", where, source.integer),
+                "class": get(entry, "class", where, source.text),
+                "init_rank": get(entry, "init_rank", where, source.integer),
+                "alpha": get(
+                    entry, "alpha", where, source.number, optional=True
+                ),
+                "dropout": get(entry, "dropout", where, source.number),
+                "orth_reg_weight": get(
+                    entry, "orth_reg_weight", where, source.number
+                ),
+                "adapter_rank": get(
+                    entry, "adapter_rank", where, source.integer
+                ),
+            }
+        )
+    return {"layers": layers, "adapters": adapters}

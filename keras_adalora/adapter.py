@@ -411,6 +411,15 @@ class AdaLoRAAdapter:
                 "was saved from a different layer; adapt the model the same "
                 "way before loading."
             )
+        unknown = sorted(keys - {name for name, _ in named})
+        if unknown:
+            raise ValueError(
+                f"Layer '{self.name}' could not load its weights: the saved "
+                f"entry holds {unknown}, which the layer does not have (it "
+                f"has {[name for name, _ in named]}). The file is damaged, or "
+                "was saved from a different layer; adapt the model the same "
+                "way before loading."
+            )
         for name, variable in named:
             value = store[name]
             if tuple(value.shape) != tuple(variable.shape):

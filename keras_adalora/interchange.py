@@ -13,6 +13,7 @@ model's family (`keras_adalora.hf_families`); `import_peft` reads a PEFT
 LoRA or AdaLoRA adapter back onto a KerasHub model.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -24,6 +25,8 @@ import numpy as np
 from keras_adalora._arrays import to_numpy
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
+from keras_adalora._untrusted import Source
+from keras_adalora._untrusted import short
 from keras_adalora.adapted_model import mark_adapted
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
@@ -44,6 +47,13 @@ from keras_adalora.targets import require_adapted_layers
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _KEY_PREFIX = "base_model.model."
+# The safetensors metadata entry where `export_peft` records each tensor's
+# SHA-256 (the format has no checksum of its own); PEFT ignores it.
+_CHECKSUMS = "keras_adalora_sha256"
+_FIX = (
+    "Import an undamaged copy of the folder PEFT's `save_pretrained` (or "
+    "`export_peft`) wrote."
+)
 # PEFT's AdaLoRA divides by `ranknum + 1e-5`.
 _ADALORA_EPS = 1e-5
 # PEFT options whose adapters are not `x @ (lora_B @ lora_A).T * scaling`.
@@ -71,7 +81,9 @@ def export_peft(model, directory, base_model_name_or_path=None, overwrite=True):
         model = transformers.AutoModelForCausalLM.from_pretrained(base)
         model = peft.PeftModel.from_pretrained(model, directory)
 
-    computes what the Keras model computes. Each module's rank is its
+    computes what the Keras model computes (the safetensors metadata also
+    records each tensor's SHA-256, which `import_peft` checks). Each
+    module's rank is its
     active rank; pruned components and layers pruned to rank 0 are left out.
     GPT-2's query, key and value adapters go into its fused `c_attn` (rank
     the sum of theirs). A task's trained head goes as `modules_to_save`
@@ -130,7 +142,7 @@ def export_peft(model, directory, base_model_name_or_path=None, overwrite=True):
                     f"{path!r} exists and overwrite=False. Pass "
                     "overwrite=True to replace it, or another directory."
                 )
-    save_file = _safetensors("export_peft").save_file
+    save_file = _safetensors("export_peft").numpy.save_file
 
     modules = {}
     unmapped = []
@@ -220,18 +232,24 @@ def export_peft(model, directory, base_model_name_or_path=None, overwrite=True):
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    tensors = {
+        key: np.ascontiguousarray(value, dtype="float32")
+        for key, value in tensors.items()
+    }
+    checksums = {key: _sha256(value) for key, value in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     save_file(
-        {
-            key: np.ascontiguousarray(value, dtype="float32")
-            for key, value in tensors.items()
-        },
+        tensors,
         os.path.join(directory, WEIGHTS_NAME),
-        metadata={"format": "pt"},
+        metadata={"format": "pt", _CHECKSUMS: json.dumps(checksums)},
     )
     return config
+
+
+def _sha256(value):
+    return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
 
 
 def _lora_factors(parts_layers, parts):
@@ -298,6 +316,11 @@ def import_peft(model, directory):
     the model changes: a module the family's table does not know, a shape
     that differs from the model's layer, or a PEFT option that is not plain
     LoRA (DoRA, ...) raises an error naming it, and leaves `model` untouched.
+    So does a damaged or hostile folder: a file that cannot be read, a
+    config entry of the wrong type or range, a tensor that is not float,
+    holds NaN or infinite values, or differs from the SHA-256 that
+    `export_peft` recorded, a missing tensor, and any tensor `import_peft`
+    does not know (refused, not ignored); the error names the file.
 
     Args:
         model: a KerasHub backbone or task of a family `export_peft`
@@ -345,48 +368,9 @@ def import_peft(model, directory):
             "to the base model. Pass a fresh copy of the base model."
         )
     family, task = identify(model, "import_peft")
-    with open(paths[0]) as f:
-        config = json.load(f)
-    peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "ADALORA"):
-        raise ValueError(
-            f"`import_peft` reads LoRA and AdaLoRA adapters; {paths[0]!r} "
-            f"is a {peft_type!r} adapter."
-        )
-    for option, why in _REFUSED_OPTIONS.items():
-        if config.get(option):
-            raise ValueError(
-                f"The adapter in {directory!r} sets {option}="
-                f"{config[option]!r}: {why}, which an AdaLoRA layer cannot "
-                "express. Import a plain LoRA or AdaLoRA adapter."
-            )
-    if config.get("bias", "none") != "none":
-        raise ValueError(
-            f"The adapter in {directory!r} trained biases (bias="
-            f"{config['bias']!r}); AdaLoRA layers keep biases frozen. "
-            "Import an adapter trained with bias='none'."
-        )
-    tensors = _safetensors("import_peft").load_file(paths[1])
-
-    # Group the file's tensors by module.
-    by_module = {}
-    for key, value in tensors.items():
-        name = key[len(_KEY_PREFIX) :] if key.startswith(_KEY_PREFIX) else key
-        match = re.fullmatch(
-            r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-            r"lora_embedding_B|lora_A|lora_B|lora_E|weight|bias)",
-            name,
-        )
-        if match is None:
-            raise ValueError(
-                f"`import_peft` does not know the tensor {key!r} in "
-                f"{paths[1]!r}: expected LoRA or AdaLoRA factors, or a "
-                "head's weight or bias."
-            )
-        module, kind = match.groups()
-        by_module.setdefault(module, {})[kind.split(".")[0]] = np.asarray(
-            value, dtype="float64"
-        )
+    settings = _read_config(paths[0])
+    weights = Source(f"PEFT adapter weights {paths[1]!r}", _FIX)
+    by_module = _group_by_module(_read_tensors(paths[1], weights), weights)
 
     weighted = _weighted_layers(model)
     plans = []
@@ -394,27 +378,27 @@ def import_peft(model, directory):
     trained = []
     for module, values in by_module.items():
         if "weight" in values or "bias" in values:
-            layer = _find_head(model, weighted, family, task, module, directory)
-            _check_head(layer, module, values, directory)
+            layer = _find_head(model, weighted, family, task, module, paths[1])
+            _check_head(layer, module, values, paths[1])
             heads.append((layer, values))
             trained.append(layer)
             continue
-        found = _find_parts(weighted, family, task, module, directory)
+        found = _find_parts(weighted, family, task, module, paths[1])
         for path, part, parts, layer in found:
             plan = _plan_module(
-                config,
-                peft_type,
-                module,
-                values,
-                layer,
-                path,
-                part,
-                parts,
-                directory,
+                settings, module, values, layer, path, part, parts, paths[1]
             )
             if plan is not None:
                 plans.append(plan)
                 trained.append(layer)
+    seen = set()
+    for layer in trained:
+        if id(layer) in seen:
+            raise weights.damaged(
+                f"two of its modules belong on layer '{layer_path(layer)}' "
+                "(the same module under two names?)"
+            )
+        seen.add(id(layer))
 
     for cls, layer, kwargs in plans:
         cls.adapt_in_place(layer, **kwargs)
@@ -428,7 +412,186 @@ def import_peft(model, directory):
     return mark_adapted(model)
 
 
-def _find_parts(weighted, family, task, module, directory):
+def _read_config(path):
+    """The settings `import_peft` uses from a PEFT `adapter_config.json`
+    (and its `path`), each checked, with PEFT's defaults where absent.
+    Refuses adapters that are not plain LoRA or AdaLoRA."""
+    source = Source(f"PEFT adapter config {path!r}", _FIX)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as error:
+        raise source.unreadable(error) from None
+    config = source.mapping(source.parse_json(text, "its text"), "the config")
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "ADALORA"):
+        raise ValueError(
+            f"`import_peft` reads LoRA and AdaLoRA adapters; {path!r} "
+            f"is a {short(peft_type)} adapter."
+        )
+    for option, why in _REFUSED_OPTIONS.items():
+        if config.get(option):
+            raise ValueError(
+                f"The adapter of {path!r} sets {option}="
+                f"{short(config[option])}: {why}, which an AdaLoRA layer "
+                "cannot express. Import a plain LoRA or AdaLoRA adapter."
+            )
+    if config.get("bias", "none") != "none":
+        raise ValueError(
+            f"The adapter of {path!r} trained biases (bias="
+            f"{short(config['bias'])}); AdaLoRA layers keep biases frozen. "
+            "Import an adapter trained with bias='none'."
+        )
+
+    def patterns(check):
+        """A `rank_pattern`/`alpha_pattern` check: regular expressions
+        (PEFT's keys) to values that pass `check`."""
+
+        def table(value, where):
+            if value is None:
+                return {}
+            source.mapping(value, where)
+            for key, entry in value.items():
+                try:
+                    re.compile(key)
+                except re.error as error:
+                    raise source.damaged(
+                        f"{where} has the key {key!r}, which is not a "
+                        f"regular expression ({error})"
+                    ) from None
+                check(entry, f"{where}[{key!r}]")
+            return value
+
+        return table
+
+    def flags(value, where):
+        for k, flag in enumerate(source.sequence(value, where)):
+            source.flag(flag, f"{where}[{k}]")
+
+    get = source.get
+    if peft_type == "ADALORA":
+        rank_pattern = patterns(flags)
+        lora_alpha = get(
+            config, "lora_alpha", "config", source.number, None, optional=True
+        )
+        if lora_alpha is not None and lora_alpha < 0:
+            raise source.damaged(
+                f"config['lora_alpha'] must be a number >= 0 (0 or null: "
+                f"init_r); it is {lora_alpha}"
+            )
+    else:
+        rank_pattern = patterns(
+            lambda value, where: source.integer(value, where, minimum=1)
+        )
+        lora_alpha = get(config, "lora_alpha", "config", source.number, 8)
+    dropout = get(
+        config, "lora_dropout", "config", source.number, None, optional=True
+    )
+    if dropout is not None and not 0 <= dropout < 1:
+        raise source.damaged(
+            f"config['lora_dropout'] must be a rate in [0, 1); it is {dropout}"
+        )
+    orth_reg_weight = get(
+        config, "orth_reg_weight", "config", source.number, 0.1
+    )
+    if orth_reg_weight < 0:
+        raise source.damaged(
+            "config['orth_reg_weight'] must be a number >= 0; it is "
+            f"{orth_reg_weight}"
+        )
+    return {
+        "path": path,
+        "peft_type": peft_type,
+        "lora_dropout": dropout or 0.0,
+        "lora_alpha": lora_alpha,
+        "rank_pattern": get(
+            config, "rank_pattern", "config", rank_pattern, None
+        ),
+        "alpha_pattern": get(
+            config, "alpha_pattern", "config", patterns(source.number), None
+        ),
+        # LoRA only (0 where `export_peft` had no module to write).
+        "r": get(config, "r", "config", source.integer, 8),
+        "use_rslora": get(config, "use_rslora", "config", source.flag, False),
+        # AdaLoRA only.
+        "init_r": get(
+            config, "init_r", "config", source.integer, 12, minimum=1
+        ),
+        "orth_reg_weight": orth_reg_weight,
+    }
+
+
+def _read_tensors(path, source):
+    """`{key: array}` of a safetensors file, each of floats, all finite;
+    checked against the SHA-256 that `export_peft` records, where present."""
+    safetensors = _safetensors("import_peft")
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except TypeError as error:  # a dtype NumPy lacks
+        raise ValueError(
+            f"{source.name} holds tensors NumPy cannot read ({error}). Save "
+            "the adapter in float32 (in PEFT, `model.float()` before "
+            "`save_pretrained`)."
+        ) from None
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise source.unreadable(error) from None
+    if _CHECKSUMS in metadata:
+        where = f"its metadata entry '{_CHECKSUMS}'"
+        checksums = source.mapping(
+            source.parse_json(metadata[_CHECKSUMS], where), where
+        )
+        lacking = sorted(set(checksums) - set(tensors))
+        if lacking:
+            raise source.damaged(f"it lacks the tensors {lacking[:4]}")
+        unknown = sorted(set(tensors) - set(checksums))
+        if unknown:
+            raise source.damaged(
+                f"it holds tensors {unknown[:4]} that it was not written "
+                "with (tensors `import_peft` does not know are refused)"
+            )
+        for key, value in tensors.items():
+            if _sha256(value) != checksums[key]:
+                raise source.damaged(
+                    f"tensor '{key}' differs from what was written (its "
+                    "SHA-256 does not match)"
+                )
+    for key, value in tensors.items():
+        source.tensor(value, f"tensor '{key}'")
+    return tensors
+
+
+def _group_by_module(tensors, source):
+    """`{module: {kind: float64 array}}`; a tensor `import_peft` does not
+    know is refused, not ignored."""
+    by_module = {}
+    for key, value in tensors.items():
+        name = key[len(_KEY_PREFIX) :] if key.startswith(_KEY_PREFIX) else key
+        match = re.fullmatch(
+            r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+            r"lora_embedding_B|lora_A|lora_B|lora_E|weight|bias)",
+            name,
+        )
+        if match is None:
+            raise ValueError(
+                f"{source.name} holds the tensor {key!r}, which `import_peft` "
+                "does not know: it reads LoRA and AdaLoRA factors and a "
+                "head's weight and bias, and refuses any other tensor rather "
+                "than drop it. Import a plain LoRA or AdaLoRA adapter."
+            )
+        module, kind = match.groups()
+        kind = kind.split(".")[0]
+        values = by_module.setdefault(module, {})
+        if kind in values:
+            raise source.damaged(
+                f"it holds module '{module}''s {kind} twice (as {key!r} too)"
+            )
+        values[kind] = np.asarray(value, dtype="float64")
+    return by_module
+
+
+def _find_parts(weighted, family, task, module, filepath):
     """The KerasHub layers of one adapter module: `[(path, part, parts,
     layer)]`."""
     prefixes = [task.prefix] if task is not None else []
@@ -442,7 +605,7 @@ def _find_parts(weighted, family, task, module, directory):
             break
     else:
         raise ValueError(
-            f"`import_peft`: the adapter in {directory!r} adapts module "
+            f"`import_peft`: the adapter in {filepath!r} adapts module "
             f"'{module}', which the {family.name} table "
             "(`keras_adalora.hf_families`) does not map onto a KerasHub "
             "layer. Import an adapter of the same family, trained on the "
@@ -456,7 +619,7 @@ def _find_parts(weighted, family, task, module, directory):
         if layer is None:
             raise ValueError(
                 f"`import_peft`: module '{module}' of the adapter in "
-                f"{directory!r} belongs on layer '{path}', which model has "
+                f"{filepath!r} belongs on layer '{path}', which model has "
                 "none of (fewer blocks?). Import the adapter into a model of "
                 "the base it was trained on."
             )
@@ -464,11 +627,11 @@ def _find_parts(weighted, family, task, module, directory):
     return found
 
 
-def _find_head(model, weighted, family, task, module, directory):
+def _find_head(model, weighted, family, task, module, filepath):
     if task is None or not task.heads:
         where = "a backbone" if task is None else type(model).__name__
         raise ValueError(
-            f"`import_peft`: the adapter in {directory!r} holds the trained "
+            f"`import_peft`: the adapter in {filepath!r} holds the trained "
             f"head '{module}' (modules_to_save), which {where} has no "
             "place for. Import it into the task model, e.g. a "
             f"{next(iter(family.tasks))}."
@@ -481,20 +644,27 @@ def _find_head(model, weighted, family, task, module, directory):
             if layer is not None and _is_dense_head(layer):
                 return layer
     raise ValueError(
-        f"`import_peft`: the adapter in {directory!r} holds module "
+        f"`import_peft`: the adapter in {filepath!r} holds module "
         f"'{module}' (modules_to_save), which {type(model).__name__} has no "
         f"head for (it maps {sorted(task.heads.values())})."
     )
 
 
-def _check_head(layer, module, values, directory):
+def _check_head(layer, module, values, filepath):
     expected = {"weight": tuple(layer.kernel.shape)[::-1]}
     if layer.bias is not None:
         expected["bias"] = tuple(layer.bias.shape)
+    if set(values) != set(expected):
+        raise ValueError(
+            f"`import_peft`: head '{module}' in {filepath!r} holds "
+            f"{sorted(values)}, but layer '{layer_path(layer)}' has "
+            f"{sorted(expected)}. The file is damaged or was edited, or the "
+            "head differs from the adapter's (a bias or none)."
+        )
     got = {kind: tuple(value.shape) for kind, value in values.items()}
     if got != expected:
         raise ValueError(
-            f"`import_peft`: head '{module}' in {directory!r} has weights "
+            f"`import_peft`: head '{module}' in {filepath!r} has weights "
             f"{got}, but layer '{layer_path(layer)}' needs {expected}. Build "
             "the task with the same number of classes as the adapter's "
             "(`num_classes` = Hugging Face `num_labels`)."
@@ -502,17 +672,19 @@ def _check_head(layer, module, values, directory):
 
 
 def _plan_module(
-    config, peft_type, module, values, layer, path, part, parts, directory
+    settings, module, values, layer, path, part, parts, filepath
 ):
     """Checks one module's factors against its layer (slice `part` of
-    `parts`); returns what `adapt_in_place` needs."""
-    where = f"`import_peft`: module '{module}' of the adapter in {directory!r}"
+    `parts`); returns what `adapt_in_place` needs. `settings` is the
+    checked config (`_read_config`)."""
+    where = f"`import_peft`: module '{module}' of the adapter in {filepath!r}"
     cls = adapter_classes().get(type(layer))
     if cls is None:
         raise ValueError(
             f"{where} belongs on layer '{path}', a {type(layer).__name__}, "
             "which AdaLoRA does not adapt."
         )
+    peft_type = settings["peft_type"]
     embedding = "lora_embedding_A" in values
     if peft_type == "ADALORA":
         needed = ("lora_A", "lora_B", "lora_E")
@@ -523,11 +695,12 @@ def _plan_module(
     missing = [name for name in needed if name not in values]
     if missing:
         raise ValueError(
-            f"{where} lacks {missing} (it holds {sorted(values)})."
+            f"{where} lacks {missing} (it holds {sorted(values)}). The file "
+            "is damaged or was edited."
         )
     left, right = (values[needed[0]], values[needed[1]])
     d_in, d_out = cls._adapter_matrix_shape(layer)
-    rank = left.shape[0]
+    rank = left.shape[0] if left.ndim else 0
     if (
         left.ndim != 2
         or right.ndim != 2
@@ -548,56 +721,60 @@ def _plan_module(
         # A slice of a trained fused module that computes nothing (what
         # `export_peft` writes for GPT-2's query pruned to rank 0).
         return None
-    dropout = (
-        float(config.get("lora_dropout") or 0.0)
-        if cls.supports_dropout
-        else 0.0
-    )
+    dropout = settings["lora_dropout"] if cls.supports_dropout else 0.0
     if peft_type == "ADALORA":
-        pattern = _pattern(config.get("rank_pattern"), module, suffix=".lora_E")
-        init_rank = (
-            len(pattern) if pattern is not None else int(config["init_r"])
-        )
+        pattern = _pattern(settings["rank_pattern"], module, suffix=".lora_E")
+        init_rank = len(pattern) if pattern is not None else settings["init_r"]
         kept = int(sum(pattern)) if pattern is not None else init_rank
         lam = values["lora_E"].reshape(-1)
         if kept != rank or lam.shape != (rank,):
             raise ValueError(
-                f"{where} holds {rank} components (lora_E {values['lora_E'].shape}) "
-                f"where its rank_pattern keeps {kept}."
+                f"{where} holds {rank} components (lora_E "
+                f"{values['lora_E'].shape}) where the rank_pattern of "
+                f"{settings['path']!r} keeps {kept}. The files are damaged or "
+                "were edited."
             )
-        lora_alpha = float(config.get("lora_alpha") or 0) or float(init_rank)
+        lora_alpha = settings["lora_alpha"] or float(init_rank)
         scale = lora_alpha / (init_rank + _ADALORA_EPS)
         alpha = scale * init_rank
         a, b = left.T, right.T
-        orth = float(config.get("orth_reg_weight", 0.1))
+        orth = settings["orth_reg_weight"]
     else:
-        r = int(_pattern(config.get("rank_pattern"), module) or config.get("r"))
-        lora_alpha = float(
-            _pattern(config.get("alpha_pattern"), module)
-            or config["lora_alpha"]
+        r = _pattern(settings["rank_pattern"], module) or settings["r"]
+        lora_alpha = (
+            _pattern(settings["alpha_pattern"], module)
+            or settings["lora_alpha"]
         )
         if r != rank:
             raise ValueError(
-                f"{where} has rank {rank} where its config says r={r}."
+                f"{where} has rank {rank} where {settings['path']!r} says "
+                f"r={r}. The files are damaged or were edited."
             )
-        scaling = lora_alpha / (np.sqrt(r) if config.get("use_rslora") else r)
-        a, lam, b = _svd_form(scaling * left.T, right.T)
+        scaling = lora_alpha / (np.sqrt(r) if settings["use_rslora"] else r)
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                a, lam, b = _svd_form(scaling * left.T, right.T)
+            except np.linalg.LinAlgError:  # an overflow to inf
+                a = lam = b = np.array([np.nan])
+        _check_finite(where, {"A": a, "lam": lam, "B": b}, lora_alpha, settings)
         if lam.size and lam[0] > 0:
             # Components below float32 resolution are not there (a slice of
             # a fused module has its own, smaller rank); an untrained
             # adapter (all zero) keeps them all, to train.
-            keep = lam > lam[0] * max(d_in, d_out) * np.finfo("float32").eps
+            keep = lam > lam[0] * (max(d_in, d_out) * np.finfo("float32").eps)
             a, lam, b = a[:, keep], lam[keep], b[keep]
         init_rank = kept = lam.shape[0]
         alpha = float(np.sqrt(float(d_in) * float(d_out)))
         lam = lam * init_rank / alpha
         orth = 0.1
-    initial = {
-        A_NAME: a.astype("float32"),
-        LAM_NAME: lam.astype("float32"),
-        B_NAME: b.astype("float32"),
-        MASK_NAME: np.ones((kept,), "float32"),
-    }
+    with np.errstate(over="ignore"):  # float32 overflows to inf: refused
+        initial = {
+            A_NAME: a.astype("float32"),
+            LAM_NAME: lam.astype("float32"),
+            B_NAME: b.astype("float32"),
+            MASK_NAME: np.ones((kept,), "float32"),
+        }
+    _check_finite(where, initial, lora_alpha, settings)
     record = {
         "path": path,
         "base_class": cls.wrapped_class.__name__,
@@ -608,7 +785,19 @@ def _plan_module(
         "orth_reg_weight": orth,
         "adapter_rank": kept,
     }
-    return _plan_adapter(record, layer, initial)
+    return _plan_adapter(record, layer, initial, where)
+
+
+def _check_finite(where, values, lora_alpha, settings):
+    """Raises if an adapter computed from finite factors is not finite (a
+    huge `lora_alpha` overflows)."""
+    for name, value in values.items():
+        if not np.all(np.isfinite(value)):
+            raise ValueError(
+                f"{where} gives its adapter NaN or infinite values (its "
+                f"'{name}', with lora_alpha={lora_alpha} from "
+                f"{settings['path']!r}). The files are damaged or were edited."
+            )
 
 
 def _svd_form(left, right):
@@ -644,6 +833,7 @@ def _is_dense_head(layer):
 
 def _safetensors(caller):
     try:
+        import safetensors
         import safetensors.numpy
     except ImportError:
         raise ImportError(
@@ -651,4 +841,4 @@ def _safetensors(caller):
             "`safetensors` (`pip install safetensors`, or keras-adalora's "
             "`keras-hub` extra)."
         ) from None
-    return safetensors.numpy
+    return safetensors

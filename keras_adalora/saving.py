@@ -4,7 +4,7 @@
 with `h5py` alone, no Keras needed) that holds only what fine-tuning
 produced on top of the pretrained base model:
 
-- root attribute `metadata`: a JSON object with
+- root attribute `metadata`: a JSON object (UTF-8 bytes) with
   - `format` (`"keras-adalora-adapter"`) and `format_version` (1),
   - `keras_adalora_version`, `keras_version`, `backend` (of the saving run),
   - `rank_pattern`: `{layer path: active rank}`,
@@ -23,6 +23,15 @@ produced on top of the pretrained base model:
 
 The frozen pretrained weights are not in the file: `load_adapter` applies
 it to a fresh copy of the same base model.
+
+The file is written in HDF5 1.10's format, whose structures (object
+headers, where the metadata lives, and indexes) carry checksums, and every
+non-empty dataset carries a Fletcher-32 checksum: a damaged byte fails to
+read instead of changing a number. `load_adapter` reads a file as coming
+from anyone: it checks every metadata entry's type, every dataset's dtype
+and declared shape (against the model, before reading it) and its values
+(finite), refuses datasets, groups or links it does not read, and changes
+the model only once everything is checked.
 """
 
 import json
@@ -31,10 +40,12 @@ import os
 import keras
 import numpy as np
 
-from keras_adalora._arrays import to_numpy
 from keras_adalora import _keras
+from keras_adalora._arrays import to_numpy
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
+from keras_adalora._untrusted import Source
+from keras_adalora._untrusted import short
 from keras_adalora.adapted_model import mark_adapted
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
@@ -53,6 +64,16 @@ FORMAT = "keras-adalora-adapter"
 FORMAT_VERSION = 1
 SUFFIX = ".adalora.h5"
 _ADAPTER_WEIGHTS = (A_NAME, LAM_NAME, B_NAME, MASK_NAME)
+# The oldest HDF5 whose formats checksum every structure (see module doc);
+# every h5py 3 wheel ships a newer one.
+_HDF5_FORMAT = "v110"
+# NumPy's dtype kinds of the weights a file may hold: floats, and integers
+# and booleans in a quantized trained layer.
+_NUMBERS = "fiub"
+_FIX = (
+    "Load an undamaged copy of the file, or save the adapter again with "
+    "`keras_adalora.save_adapter`."
+)
 
 
 def save_adapter(model, filepath, overwrite=True):
@@ -136,16 +157,25 @@ def save_adapter(model, filepath, overwrite=True):
         "adapters": adapters,
         "trained": trained,
     }
-    with h5py.File(filepath, "w") as f:
-        f.attrs["metadata"] = json.dumps(metadata)
+    with h5py.File(filepath, "w", libver=_HDF5_FORMAT) as f:
+        # Fixed-length bytes: a variable-length string would live in HDF5's
+        # global heap, which has no checksum.
+        f.attrs["metadata"] = np.bytes_(json.dumps(metadata).encode("utf-8"))
         for k, layer in enumerate(layers):
             group = f.create_group(f"adapters/{k}")
             for name, variable in layer._adapter_variables().items():
-                group.create_dataset(name, data=to_numpy(variable))
+                _write_dataset(group, name, to_numpy(variable))
         for k, layer in enumerate(trained_layers):
             group = f.create_group(f"trained/{k}")
             for name, variable in _own_weights(layer):
-                group.create_dataset(name, data=to_numpy(variable))
+                _write_dataset(group, name, to_numpy(variable))
+
+
+def _write_dataset(group, name, value):
+    # Fletcher-32 needs chunked storage, which an empty or scalar dataset
+    # cannot have; its shape alone, in the checksummed header, is all it holds.
+    checked = value.ndim > 0 and value.size > 0
+    group.create_dataset(name, data=value, fletcher32=checked)
 
 
 def load_adapter(model, filepath):
@@ -165,6 +195,13 @@ def load_adapter(model, filepath):
     layers that own weights. Everything is checked before the model
     changes: a missing layer, another kind of layer or another kernel shape
     raises an error naming the layer, and leaves `model` untouched.
+
+    The file may come from anyone: a truncated or damaged file, a metadata
+    entry of the wrong type or size, a dataset of another dtype or shape, or
+    holding NaN or infinite values, a missing dataset, and any dataset, group
+    or link the file should not hold (unknown entries are refused, not
+    ignored) raise a `ValueError` naming the file and the entry, and leave
+    `model` untouched.
 
     Args:
         model: the base model, built.
@@ -187,23 +224,38 @@ def load_adapter(model, filepath):
             "to the base model. Pass a fresh copy of the base model, or "
             "`merge_adalora(model)` first to fold the current adapters in."
         )
-    metadata, adapter_values, trained_values = _read(filepath)
-    weighted = _weighted_layers(model)
-    records = metadata["adapters"] + metadata["trained"]
-    targets = _match_layers(model, weighted, records, metadata, filepath)
-    n_adapters = len(metadata["adapters"])
+    source = Source(f"Adapter file {filepath!r}", _FIX)
+    with _open(filepath, source) as f:
+        metadata = _read_metadata(f, source)
+        datasets = _find_datasets(f, metadata, source)
+        weighted = _weighted_layers(model)
+        records = metadata["adapters"] + metadata["trained"]
+        targets = _match_layers(
+            model, weighted, records, metadata, filepath, source
+        )
+        n_adapters = len(metadata["adapters"])
 
-    # Check everything before changing anything.
-    plans = []
-    for record, layer, values in zip(
-        metadata["adapters"], targets[:n_adapters], adapter_values
-    ):
-        plans.append(_plan_adapter(record, layer, values))
-    trained_targets = targets[n_adapters:]
-    for record, layer, values in zip(
-        metadata["trained"], trained_targets, trained_values
-    ):
-        _check_trained(record, layer, values)
+        # Check everything before changing anything; the datasets' declared
+        # shapes before reading them (a damaged file may declare billions).
+        plans = []
+        for record, layer, values in zip(
+            metadata["adapters"], targets[:n_adapters], datasets["adapters"]
+        ):
+            where = f"The adapter for layer '{record['path']}' in {filepath!r}"
+            plans.append(_plan_adapter(record, layer, values, where))
+        trained_targets = targets[n_adapters:]
+        for record, layer, values in zip(
+            metadata["trained"], trained_targets, datasets["trained"]
+        ):
+            _check_trained(record, layer, values, filepath)
+        # Everything fits: read the numbers (each checked finite).
+        for _, _, kwargs in plans:
+            kwargs["initial_values"] = _read_values(
+                kwargs["initial_values"], source
+            )
+        trained_values = [
+            _read_values(values, source) for values in datasets["trained"]
+        ]
 
     for cls, layer, kwargs in plans:
         cls.adapt_in_place(layer, **kwargs)
@@ -269,59 +321,250 @@ def _trained_layers(weighted):
     ]
 
 
-def _read(filepath):
+def _open(filepath, source):
     import h5py
 
-    with h5py.File(filepath, "r") as f:
-        if "metadata" not in f.attrs:
-            raise ValueError(
-                f"{filepath!r} is not an adapter file written by "
-                "`keras_adalora.save_adapter` (it has no 'metadata')."
-            )
-        metadata = json.loads(f.attrs["metadata"])
-        if metadata.get("format") != FORMAT:
-            raise ValueError(
-                f"{filepath!r} is not a keras-adalora adapter file "
-                f"(format={metadata.get('format')!r})."
-            )
-        if metadata.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{filepath!r} was written by a newer keras-adalora "
-                f"({metadata.get('keras_adalora_version')}, format version "
-                f"{metadata['format_version']}); this one reads format "
-                f"version {FORMAT_VERSION}. Upgrade keras-adalora."
-            )
-        adapters = [
-            {name: np.asarray(f[f"adapters/{k}/{name}"]) for name in _ADAPTER_WEIGHTS}
-            for k in range(len(metadata["adapters"]))
-        ]
-        trained = [
-            {
-                w["name"]: np.asarray(f[f"trained/{k}/{w['name']}"])
-                for w in record["weights"]
-            }
-            for k, record in enumerate(metadata["trained"])
-        ]
-    return metadata, adapters, trained
+    try:
+        return h5py.File(filepath, "r")
+    except OSError as error:
+        raise source.unreadable(error) from None
 
 
-def _match_layers(model, weighted, records, metadata, filepath):
-    """The model's layer for each record: by path, else by position."""
+def _read_metadata(f, source):
+    """The file's metadata, every entry that `load_adapter` uses checked.
+    Informational entries (`rank_pattern`, versions, `backend`,
+    `active_rank`) are not read."""
+    try:
+        text = f.attrs["metadata"]
+    except KeyError:
+        raise ValueError(
+            f"{source.name} is not an adapter file written by "
+            "`keras_adalora.save_adapter` (it has no 'metadata'). Pass a "
+            "file that `save_adapter` wrote."
+        ) from None
+    except OSError as error:
+        raise source.unreadable(error) from None
+    if not isinstance(text, (str, bytes)):  # written as str before bytes
+        raise source.damaged(
+            f"its 'metadata' attribute must be JSON text; it is a "
+            f"{type(text).__name__}"
+        )
+    metadata = source.mapping(source.parse_json(text, "metadata"), "metadata")
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{source.name} is not a keras-adalora adapter file "
+            f"(format={short(metadata.get('format'))}). Pass a file that "
+            "`keras_adalora.save_adapter` wrote."
+        )
+    version = source.get(
+        metadata, "format_version", "metadata", source.integer, default=0
+    )
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source.name} was written by a newer keras-adalora "
+            f"({short(metadata.get('keras_adalora_version'))}, format version "
+            f"{version}); this one reads format version {FORMAT_VERSION}. "
+            "Upgrade keras-adalora."
+        )
+    adapters = source.get(metadata, "adapters", "metadata", source.sequence)
+    trained = source.get(metadata, "trained", "metadata", source.sequence)
+    return {
+        "adapters": [
+            _adapter_record(entry, f"metadata['adapters'][{k}]", source)
+            for k, entry in enumerate(adapters)
+        ],
+        "trained": [
+            _trained_record(entry, f"metadata['trained'][{k}]", source)
+            for k, entry in enumerate(trained)
+        ],
+        "num_weighted_layers": source.get(
+            metadata, "num_weighted_layers", "metadata", source.integer
+        ),
+    }
+
+
+def _adapter_record(entry, where, source):
+    """One `adapters` entry, its types checked (its values are checked
+    against the layer by `_plan_adapter`)."""
+    source.mapping(entry, where)
+    get = source.get
+    return {
+        "path": get(entry, "path", where, source.text),
+        "index": get(entry, "index", where, source.integer),
+        "base_class": get(entry, "base_class", where, source.text),
+        "kernel_shape": get(entry, "kernel_shape", where, source.shape),
+        "init_rank": get(entry, "init_rank", where, source.integer),
+        "alpha": get(entry, "alpha", where, source.number, optional=True),
+        "dropout": get(entry, "dropout", where, source.number),
+        "orth_reg_weight": get(entry, "orth_reg_weight", where, source.number),
+        "adapter_rank": get(entry, "adapter_rank", where, source.integer),
+    }
+
+
+def _trained_record(entry, where, source):
+    source.mapping(entry, where)
+    weights = []
+    names = set()
+    for k, weight in enumerate(
+        source.get(entry, "weights", where, source.sequence)
+    ):
+        at = f"{where}['weights'][{k}]"
+        source.mapping(weight, at)
+        name = source.get(weight, "name", at, source.text)
+        if name in names:
+            raise source.damaged(f"{where} lists weight '{name}' twice")
+        names.add(name)
+        shape = source.get(weight, "shape", at, source.shape)
+        weights.append({"name": name, "shape": shape})
+    return {
+        "path": source.get(entry, "path", where, source.text),
+        "index": source.get(entry, "index", where, source.integer),
+        "class": source.get(entry, "class", where, source.text),
+        "weights": weights,
+    }
+
+
+def _find_datasets(f, metadata, source):
+    """`{"adapters": [{name: dataset}], "trained": [...]}`, the datasets the
+    metadata calls for, unread. Raises if one is missing, a link, or not a
+    plain dataset of numbers stored in the file, or if the file holds
+    anything else."""
+    import h5py
+
+    wanted = {"adapters": [], "trained": []}
+    for k in range(len(metadata["adapters"])):
+        wanted["adapters"].append(
+            {name: f"adapters/{k}/{name}" for name in _ADAPTER_WEIGHTS}
+        )
+    for k, record in enumerate(metadata["trained"]):
+        wanted["trained"].append(
+            {w["name"]: f"trained/{k}/{w['name']}" for w in record["weights"]}
+        )
+    paths = {
+        path
+        for group in wanted.values()
+        for names in group
+        for path in names.values()
+    }
+    groups = {path.rsplit("/", 1)[0] for path in paths}
+    groups |= {group.split("/")[0] for group in groups}
+
+    # Every object reached by hard links, each once (a group linked into
+    # itself too); links elsewhere are not followed. Any other name in a
+    # group is a link (soft, external, or a second name): listed, never
+    # resolved (it may point anywhere).
+    objects, links = [], []
+    try:
+        f.visit(objects.append)
+        names = set(objects)
+        for group in ["/"] + objects:
+            if isinstance(f[group], h5py.Group):
+                for key in f[group].keys():
+                    name = f"{group}/{key}".lstrip("/")
+                    if name not in names:
+                        links.append(name)
+    except (OSError, RuntimeError) as error:
+        raise source.unreadable(error) from None
+    if links:
+        raise source.damaged(
+            f"it holds links {links[:4]} to other objects or files, which "
+            "`save_adapter` never writes"
+        )
+    unknown = [name for name in objects if name not in paths | groups]
+    if unknown:
+        raise source.damaged(
+            f"it holds {unknown[:4]}, which `load_adapter` does not read "
+            "(an adapter file with entries it does not know is refused: "
+            "they may be something this version would drop)"
+        )
+    missing = sorted(paths - names)
+    if missing:
+        raise source.damaged(f"it lacks the dataset '{missing[0]}'")
+
+    found = {}
+    for path in sorted(paths):
+        try:
+            dataset = f[path]
+        except (OSError, KeyError) as error:
+            raise source.unreadable(error) from None
+        if (
+            not isinstance(dataset, h5py.Dataset)
+            or dataset.is_virtual
+            or dataset.external
+            or dataset.shape is None
+        ):
+            raise source.damaged(
+                f"'{path}' is not a dataset stored in the file"
+            )
+        # Adapters are float32; a trained layer may be quantized (integer
+        # weights), its dtypes checked against the layer's by `_check_trained`.
+        kinds = "f" if path.startswith("adapters/") else _NUMBERS
+        if dataset.dtype.kind not in kinds:
+            raise source.damaged(
+                f"dataset '{path}' holds {dataset.dtype} values, where a "
+                "weight holds "
+                + ("floating-point numbers" if kinds == "f" else "numbers")
+            )
+        found[path] = dataset
+    return {
+        key: [
+            {name: found[path] for name, path in names.items()}
+            for names in group
+        ]
+        for key, group in wanted.items()
+    }
+
+
+def _read_values(datasets, source):
+    """`{name: array}` read from `{name: dataset}`, each checked finite."""
+    values = {}
+    for name, dataset in datasets.items():
+        where = f"dataset '{dataset.name.lstrip('/')}'"
+        try:
+            value = dataset[()]
+        except OSError as error:  # e.g. its checksum fails
+            raise source.damaged(f"{where} cannot be read ({error})") from None
+        values[name] = source.tensor(value, where, kinds=_NUMBERS)
+    return values
+
+
+def _match_layers(model, weighted, records, metadata, filepath, source):
+    """The model's layer for each record: by path, else by position. No
+    layer twice."""
     by_path = {}
     for layer in weighted:
         by_path.setdefault(layer_path(layer), layer)
     if all(record["path"] in by_path for record in records):
-        return [by_path[record["path"]] for record in records]
-    saved = metadata["num_weighted_layers"]
-    if len(weighted) != saved:
-        missing = next(r["path"] for r in records if r["path"] not in by_path)
-        raise ValueError(
-            f"The adapter in {filepath!r} does not fit model '{model.name}': "
-            f"it has no layer '{missing}', and it has {len(weighted)} layers "
-            f"with weights where the adapter's base model had {saved}. Load "
-            "the adapter into a copy of the base model it was trained on."
-        )
-    return [weighted[record["index"]] for record in records]
+        targets = [by_path[record["path"]] for record in records]
+    else:
+        saved = metadata["num_weighted_layers"]
+        if len(weighted) != saved:
+            missing = next(
+                r["path"] for r in records if r["path"] not in by_path
+            )
+            raise ValueError(
+                f"The adapter in {filepath!r} does not fit model "
+                f"'{model.name}': it has no layer '{missing}', "
+                f"and it has {len(weighted)} layers with weights where the "
+                f"adapter's base model had {saved}. Load the adapter into a "
+                "copy of the base model it was trained on."
+            )
+        for record in records:
+            if record["index"] >= saved:
+                raise source.damaged(
+                    f"layer '{record['path']}' is at index {record['index']} "
+                    f"of its model's {saved} layers with weights"
+                )
+        targets = [weighted[record["index"]] for record in records]
+    seen = set()
+    for record, layer in zip(records, targets):
+        if id(layer) in seen:
+            raise source.damaged(
+                f"it names layer '{layer_path(layer)}' twice (as "
+                f"'{record['path']}' the second time)"
+            )
+        seen.add(id(layer))
+    return targets
 
 
 def _describe(layer):
@@ -330,10 +573,11 @@ def _describe(layer):
     return f"'{layer_path(layer)}' ({type(layer).__name__}{shape})"
 
 
-def _plan_adapter(record, layer, values):
-    """Checks that `layer` can take the saved adapter; returns what
-    `adapt_in_place` needs."""
-    where = f"Adapter for layer '{record['path']}'"
+def _plan_adapter(record, layer, values, where):
+    """Checks that `layer` can take the saved adapter (`record`, the
+    adapter's settings and base layer; `values`, its weights or anything
+    with their `shape`); returns what `adapt_in_place` needs. `where`
+    names the adapter and the file it comes from."""
     cls = adapter_classes().get(type(layer))
     if cls is None or cls.wrapped_class.__name__ != record["base_class"]:
         raise ValueError(
@@ -349,12 +593,31 @@ def _plan_adapter(record, layer, values):
             f"{_describe(layer)} differs. Load the adapter into a copy of the "
             "base model it was trained on."
         )
+    settings = {
+        key: record[key]
+        for key in (
+            "init_rank", "alpha", "dropout", "orth_reg_weight", "adapter_rank"
+        )
+    }
     try:
-        cls.check_wrappable(layer, record["init_rank"])
+        cls.validate_args(**settings)
+    except ValueError as error:
+        raise ValueError(
+            f"{where} has settings no adapter can have ({error}). The file "
+            "is damaged or was edited."
+        ) from None
+    d_in, d_out = cls._adapter_matrix_shape(layer)
+    if settings["init_rank"] > min(d_in, d_out):
+        raise ValueError(
+            f"{where} has init_rank={settings['init_rank']}, more components "
+            f"than its layer's {d_in} x {d_out} kernel holds. The file is "
+            "damaged or was edited."
+        )
+    try:
+        cls.check_wrappable(layer, settings["init_rank"])
     except ValueError as error:
         raise ValueError(f"{where} cannot be applied: {error}") from None
-    d_in, d_out = cls._adapter_matrix_shape(layer)
-    rank = record["adapter_rank"]
+    rank = settings["adapter_rank"]
     expected = {
         A_NAME: (d_in, rank),
         LAM_NAME: (rank,),
@@ -368,16 +631,11 @@ def _plan_adapter(record, layer, values):
                 f"{tuple(values[name].shape)}, expected {shape}. The file is "
                 "damaged or was edited."
             )
-    kwargs = {
-        key: record[key]
-        for key in ("init_rank", "alpha", "dropout", "orth_reg_weight")
-    }
-    kwargs.update(adapter_rank=rank, initial_values=values)
-    return cls, layer, kwargs
+    return cls, layer, {**settings, "initial_values": values}
 
 
-def _check_trained(record, layer, values):
-    where = f"Trained layer '{record['path']}'"
+def _check_trained(record, layer, values, filepath):
+    where = f"Trained layer '{record['path']}' in {filepath!r}"
     if type(layer).__name__ != record["class"]:
         raise ValueError(
             f"{where} (a {record['class']}) does not fit this model: its "
@@ -394,12 +652,27 @@ def _check_trained(record, layer, values):
         )
     for weight in record["weights"]:
         variable = own.get(weight["name"])
-        if variable is None or tuple(variable.shape) != tuple(weight["shape"]):
+        if variable is None or tuple(variable.shape) != weight["shape"]:
             found = "none" if variable is None else tuple(variable.shape)
             raise ValueError(
                 f"{where}: the file holds weight '{weight['name']}' of shape "
-                f"{tuple(weight['shape'])}, this model's layer "
+                f"{weight['shape']}, this model's layer "
                 f"{_describe(layer)} has {found}. Load the adapter into a "
                 "copy of the base model it was trained on (with the same "
                 "head, e.g. the same `num_classes`)."
+            )
+        dataset = values[weight["name"]]
+        if tuple(dataset.shape) != weight["shape"]:
+            raise ValueError(
+                f"{where}: the file's dataset for weight '{weight['name']}' "
+                f"has shape {tuple(dataset.shape)} where its metadata says "
+                f"{weight['shape']}. The file is damaged or was edited."
+            )
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        kind = "f" if "float" in dtype else np.dtype(dtype).kind
+        if dataset.dtype.kind != kind:
+            raise ValueError(
+                f"{where}: the file's dataset for weight '{weight['name']}' "
+                f"holds {dataset.dtype} values, where the layer's weight is "
+                f"{dtype}. The file is damaged or was edited."
             )
