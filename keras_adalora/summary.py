@@ -3,6 +3,7 @@
 import math
 import re
 
+from keras_adalora.allocator import component_cost
 from keras_adalora.targets import layer_path
 from keras_adalora.targets import layer_roles
 from keras_adalora.targets import require_adapted_layers
@@ -121,7 +122,7 @@ def adapter_table(model, caller="summary"):
                 "init_rank": layer.init_rank,
                 "stored_rank": layer.adapter_rank,
                 "active_rank": active,
-                "params": active * (d_in + d_out + 1),
+                "params": active * component_cost(layer),
                 "role": roles.get(id(layer)),
             }
         )
