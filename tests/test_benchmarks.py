@@ -187,6 +187,40 @@ def test_target_scale_gives_adalora_the_controls_alpha_over_more_components():
         set_scale(adalora, "target")
 
 
+@pytest.mark.parametrize(
+    "variant, factors, form, weight, scale",
+    [
+        # Each variant's adapters explicitly, whatever the library's defaults.
+        ("rank-free", "orthogonal", "squared", lambda n: 0.1, "rank-free"),
+        ("rank-free-no-orth", "orthogonal", "squared", lambda n: 0.0, "rank-free"),
+        ("peft-init-peft-penalty", "normal", "norm", lambda n: 0.5 / n, 1.0),
+        # The library's defaults as they are.
+        ("defaults", "normal", "norm", lambda n: 0.5 / n, 1.0),
+    ],
+)
+def test_variants_give_the_adapters_they_name(variant, factors, form, weight, scale):
+    keras_hub = pytest.importorskip("keras_hub")
+    from bench.protocol import VARIANTS
+    from bench.workers import adapt
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=8)
+    layers = adapt(backbone, 3, VARIANTS[variant]["adalora"], seed=0)
+    assert len(layers) == 6
+    for layer in layers:
+        assert layer.orth_penalty == form
+        assert layer.orth_reg_weight == pytest.approx(weight(len(layers)))
+        d_in, d_out = layer._adapter_matrix_shape()
+        want = math.sqrt(d_in * d_out) / 12 if scale == "rank-free" else scale
+        assert layer.scale == pytest.approx(want)
+        a = np.asarray(keras.ops.convert_to_numpy(layer.adalora_a))
+        if factors == "orthogonal":
+            np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-5)
+        else:  # N(0, 0.02) entries, drawn by the variant or by the library
+            assert 0.005 < a.std() < 0.04
+
+
 def test_report_pairs_seeds_lists_what_is_missing_and_keeps_notes(tmp_path):
     ours = [0.95, 0.94, 0.96, 0.95, 0.97]
     theirs = [0.93, 0.93, 0.94, 0.94, 0.95]
