@@ -147,7 +147,7 @@ def main(argv=None):
     model = keras.Model(inputs, outputs, name="digits")
     keras_adalora.apply_adalora(model, init_rank=8, keep_trainable=["head"])
 
-    optimizer = keras_adalora.AdaLoRAOptimizer(keras.optimizers.Adam(3e-3))
+    optimizer = keras_adalora.AdaLoRAOptimizer(keras.optimizers.Adam(1e-2))
     optimizer.watch(model)  # so scores leave out the orthogonality penalty
     optimizer.build(model.trainable_variables)
     allocator = keras_adalora.RankAllocator(

@@ -104,7 +104,7 @@ def main(argv=None):
 
     def fit(model, callbacks=()):
         model.compile(
-            optimizer=keras.optimizers.Adam(3e-3),
+            optimizer=keras.optimizers.Adam(1e-2),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )

@@ -77,7 +77,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=3e-3,
+        help="peak rate: warmed up over the first 10%% of the steps, then "
+        "decayed to 0 on a cosine",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="quickstart_out", help="output folder")
     parser.add_argument(
@@ -184,12 +190,21 @@ def main(argv=None):
 
     # 3. Fine-tune. Ranks prune from 10% to 70% of the steps, from
     # init_rank to target_rank per layer on average; the last 30% train
-    # the final ranks.
+    # the final ranks. The learning rate warms up over the first 10% of the
+    # steps, then decays to 0 on a cosine.
     budget = keras_adalora.RankBudgetCallback(
         target_rank=args.target_rank, tinit=0.1, tfinal=0.7, delta_t=5
     )
+    steps = args.epochs * math.ceil(args.train_examples / args.batch_size)
+    warmup = max(1, steps // 10)
+    learning_rate = keras.optimizers.schedules.CosineDecay(
+        0.0,
+        decay_steps=max(1, steps - warmup),
+        warmup_target=args.learning_rate,
+        warmup_steps=warmup,
+    )
     classifier.compile(
-        optimizer=keras.optimizers.AdamW(args.learning_rate),
+        optimizer=keras.optimizers.AdamW(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -221,6 +236,10 @@ def main(argv=None):
     )
     logits = classifier.predict(test_batches, verbose=0)
     keras_adalora.merge_adalora(classifier)
+    # The deployable file needs no training state: compile with the task's
+    # defaults (what KerasHub compiles it with when it is loaded), so the
+    # file holds no optimizer of ours.
+    classifier.compile()
     merged_path = out / "merged.keras"
     classifier.save(merged_path)
     gap = float(np.max(np.abs(classifier.predict(test_batches, verbose=0) - logits)))

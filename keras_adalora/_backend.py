@@ -115,7 +115,12 @@ def _copy_settings(old, fresh):
     wrapper's per-layer constants and scoring switch."""
     for source, target in zip(_chain(old), _chain(fresh)):
         _keras.copy_weight_decay_pattern(source, target)
-        for attribute in ("penalty_weights", "layer_scales", "scoring"):
+        for attribute in (
+            "penalty_weights",
+            "penalty_forms",
+            "layer_scales",
+            "scoring",
+        ):
             if hasattr(source, attribute):
                 setattr(target, attribute, getattr(source, attribute))
 

@@ -107,6 +107,11 @@ class Source:
             raise self._wrong(value, where, "a string")
         return value
 
+    def choice(self, value, where, choices):
+        if not isinstance(value, str) or value not in choices:
+            raise self._wrong(value, where, f"one of {list(choices)}")
+        return value
+
     def flag(self, value, where):
         if not isinstance(value, bool):
             raise self._wrong(value, where, "true or false")

@@ -35,10 +35,14 @@ from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._untrusted import Source
 from keras_adalora._untrusted import short
+from keras_adalora.adapter import SETTINGS
+from keras_adalora.adapter import read_settings_since_0_2
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.disabling import is_disabled
 
-RECORD_VERSION = 1
+# Version 2 records each adapter's `factor_init` and `orth_penalty` (a
+# version 1 record's adapters have their 0.1 values).
+RECORD_VERSION = 2
 _REGISTERED_NAME = ("keras_adalora", "AdaptedModel")
 # The adapted class made for each original class.
 _ADAPTED_CLASSES = {}
@@ -177,9 +181,6 @@ def join_fit(model, callback):
 
 
 # The adaptation record -------------------------------------------------------
-
-# An adapter's settings in the record, as `_adapter_config` gives them.
-_SETTINGS = ("init_rank", "alpha", "dropout", "orth_reg_weight", "adapter_rank")
 
 
 def recorded_layers(obj):
@@ -323,7 +324,7 @@ def restore_adaptation(obj, record):
                 f"not an AdaLoRA layer (those are {sorted(by_name)})"
             )
         layer = layers[index]
-        settings = {key: adapter[key] for key in _SETTINGS}
+        settings = {key: adapter[key] for key in SETTINGS}
         if isinstance(layer, AdaLoRAAdapter):
             if layer._adapter_config() != settings:
                 raise ValueError(
@@ -391,6 +392,7 @@ def _check_record(record, source):
                 "orth_reg_weight": get(
                     entry, "orth_reg_weight", where, source.number
                 ),
+                **read_settings_since_0_2(entry, where, source),
                 "adapter_rank": get(
                     entry, "adapter_rank", where, source.integer
                 ),

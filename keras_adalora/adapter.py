@@ -29,8 +29,9 @@ from keras_adalora.regularizers import orthogonality_penalty
 # dtype policy: importance scores and tiny singular values do not survive
 # bfloat16 (same choice as Keras's built-in LoRA).
 ADAPTER_DTYPE = "float32"
-# `alpha=None` gives every adapter the scale `sqrt(d_in * d_out) / 12`,
-# what `alpha = sqrt(d_in * d_out)` gives at init_rank 12, whatever its rank.
+# With `factor_init="orthogonal"`, `alpha=None` gives every adapter the
+# scale `sqrt(d_in * d_out) / 12`, what `alpha = sqrt(d_in * d_out)` gives at
+# init_rank 12, whatever its rank.
 REFERENCE_RANK = 12
 
 A_NAME = "adalora_A"
@@ -38,14 +39,65 @@ LAM_NAME = "adalora_lam"
 B_NAME = "adalora_B"
 MASK_NAME = "rank_mask"
 
+# How `A` and `B` start: drawn from N(0, FACTOR_STDDEV**2) (`"normal"`) or
+# as random orthonormal factors (`"orthogonal"`).
+FACTOR_INITS = ("normal", "orthogonal")
+FACTOR_STDDEV = 0.02
+# The orthogonality penalty's form: the mean of the two factors' Frobenius
+# norms (`"norm"`) or the sum of their squares (`"squared"`), and the
+# weight each form gets when none is given.
+ORTH_PENALTIES = ("norm", "squared")
+DEFAULT_ORTH_REG_WEIGHT = {"norm": 0.5, "squared": 0.1}
+# An adapter's settings, in the order `_adapter_config` gives them.
+SETTINGS = (
+    "init_rank",
+    "alpha",
+    "dropout",
+    "orth_reg_weight",
+    "factor_init",
+    "orth_penalty",
+    "adapter_rank",
+)
+# The settings that configurations and files written by keras-adalora 0.1
+# lack, with the values those adapters were built with.
+SETTINGS_BEFORE_0_2 = {"factor_init": "orthogonal", "orth_penalty": "squared"}
 
-def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
-    """Checks the adapter hyperparameters; returns them normalised.
+
+def read_settings_since_0_2(entry, where, source):
+    """The settings 0.1 did not write, read from an untrusted `entry` (an
+    `_untrusted.Source` checks them): each as written, or its 0.1 value
+    where `entry` lacks it."""
+    choices = {"factor_init": FACTOR_INITS, "orth_penalty": ORTH_PENALTIES}
+    return {
+        key: source.get(
+            entry, key, where, source.choice, default, choices=choices[key]
+        )
+        for key, default in SETTINGS_BEFORE_0_2.items()
+    }
+
+
+def with_settings_before_0_2(settings):
+    """`settings` (a dict) with `SETTINGS_BEFORE_0_2` filled in where a
+    configuration or file written by keras-adalora 0.1 lacks them."""
+    return {**SETTINGS_BEFORE_0_2, **settings}
+
+
+def validate_adapter_args(
+    init_rank,
+    alpha,
+    dropout,
+    orth_reg_weight,
+    factor_init="normal",
+    orth_penalty="norm",
+):
+    """Checks the adapter hyperparameters; returns them normalised (an
+    `orth_reg_weight` of None becomes the default of `orth_penalty`'s form).
 
     Raises:
         ValueError: naming the argument, for a non-integer or non-positive
-            `init_rank`, a non-positive `alpha`, a `dropout` outside
-            `[0, 1)` or a negative `orth_reg_weight`.
+            `init_rank`, a non-positive or infinite `alpha`, a `dropout`
+            outside `[0, 1)`, a negative or infinite `orth_reg_weight`, or a
+            `factor_init` or `orth_penalty` that is none of the choices.
     """
     init_rank = check_int(init_rank, "init_rank", 1)
     if alpha is not None:
@@ -54,30 +106,58 @@ def validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight):
         ):
             raise ValueError(
                 "`alpha` must be a positive number or None (None means "
-                "alpha=init_rank * sqrt(d_in * d_out) / 12, per layer). "
-                "Received: "
-                f"alpha={alpha!r}"
+                "alpha=init_rank, a scale of 1, with factor_init='normal'). "
+                f"Received: alpha={alpha!r}"
             )
-        if not alpha > 0:
+        if not 0 < alpha < np.inf:
             raise ValueError(
-                f"`alpha` must be positive. Received: alpha={alpha}"
+                "`alpha` must be a positive finite number. Received: "
+                f"alpha={alpha}"
             )
         alpha = float(alpha)
-    if not isinstance(dropout, (int, float, np.number)) or not (
-        0 <= dropout < 1
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float, np.number))
+        or not 0 <= dropout < 1
     ):
         raise ValueError(
             f"`dropout` must be a rate in [0, 1). Received: dropout={dropout!r}"
         )
-    if not isinstance(orth_reg_weight, (int, float, np.number)) or not (
-        orth_reg_weight >= 0
+    if factor_init not in FACTOR_INITS:
+        raise ValueError(
+            f"`factor_init` must be one of {FACTOR_INITS} ('normal': A and B "
+            f"drawn from N(0, {FACTOR_STDDEV}^2); 'orthogonal': random "
+            f"orthonormal factors). Received: factor_init={factor_init!r}"
+        )
+    if orth_penalty not in ORTH_PENALTIES:
+        raise ValueError(
+            f"`orth_penalty` must be one of {ORTH_PENALTIES} ('norm': the "
+            "Frobenius norms of A^T A - I and B B^T - I, averaged; "
+            "'squared': their squares, summed). Received: "
+            f"orth_penalty={orth_penalty!r}"
+        )
+    if orth_reg_weight is None:
+        orth_reg_weight = DEFAULT_ORTH_REG_WEIGHT[orth_penalty]
+    if (
+        isinstance(orth_reg_weight, bool)
+        or not isinstance(orth_reg_weight, (int, float, np.number))
+        or not 0 <= orth_reg_weight < np.inf
     ):
         raise ValueError(
-            "`orth_reg_weight` must be a number >= 0 (0 disables the "
-            f"orthogonality penalty). Received: orth_reg_weight="
-            f"{orth_reg_weight!r}"
+            "`orth_reg_weight` must be a finite number >= 0 (0 disables the "
+            "orthogonality penalty; None: "
+            f"{DEFAULT_ORTH_REG_WEIGHT[orth_penalty]} for "
+            f"orth_penalty={orth_penalty!r}). Received: "
+            f"orth_reg_weight={orth_reg_weight!r}"
         )
-    return init_rank, alpha, float(dropout), float(orth_reg_weight)
+    return (
+        init_rank,
+        alpha,
+        float(dropout),
+        float(orth_reg_weight),
+        factor_init,
+        orth_penalty,
+    )
 
 
 def check_init_rank_fits(init_rank, matrix_shape, name):
@@ -117,26 +197,54 @@ class AdaLoRAAdapter:
     # Configuration ---------------------------------------------------------
 
     def _init_adapter(
-        self, init_rank, alpha, dropout, orth_reg_weight, adapter_rank=None
+        self,
+        init_rank,
+        alpha,
+        dropout,
+        orth_reg_weight,
+        adapter_rank=None,
+        factor_init="normal",
+        orth_penalty="norm",
     ):
         self._set_adapter_args(
-            *type(self).validate_args(
-                init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+            **type(self).validate_args(
+                init_rank,
+                alpha,
+                dropout,
+                orth_reg_weight,
+                adapter_rank=adapter_rank,
+                factor_init=factor_init,
+                orth_penalty=orth_penalty,
             )
         )
 
     @classmethod
     def validate_args(
-        cls, init_rank, alpha, dropout, orth_reg_weight, adapter_rank=None
+        cls,
+        init_rank,
+        alpha,
+        dropout,
+        orth_reg_weight,
+        adapter_rank=None,
+        factor_init="normal",
+        orth_penalty="norm",
     ):
         """Checks the adapter arguments for this layer kind (the one place
-        they are checked); returns them normalised, `adapter_rank` resolved.
+        they are checked); returns them normalised as a dict of `SETTINGS`,
+        `adapter_rank` and a default `orth_reg_weight` resolved.
 
         Raises:
             ValueError: naming the argument at fault.
         """
-        init_rank, alpha, dropout, orth_reg_weight = validate_adapter_args(
-            init_rank, alpha, dropout, orth_reg_weight
+        (
+            init_rank,
+            alpha,
+            dropout,
+            orth_reg_weight,
+            factor_init,
+            orth_penalty,
+        ) = validate_adapter_args(
+            init_rank, alpha, dropout, orth_reg_weight, factor_init, orth_penalty
         )
         cls.check_dropout(dropout)
         if adapter_rank is None:
@@ -153,28 +261,33 @@ class AdaLoRAAdapter:
                 f"Received: adapter_rank={adapter_rank!r}, "
                 f"init_rank={init_rank}"
             )
-        return init_rank, alpha, dropout, orth_reg_weight, int(adapter_rank)
+        return {
+            "init_rank": init_rank,
+            "alpha": alpha,
+            "dropout": dropout,
+            "orth_reg_weight": orth_reg_weight,
+            "factor_init": factor_init,
+            "orth_penalty": orth_penalty,
+            "adapter_rank": int(adapter_rank),
+        }
 
-    def _set_adapter_args(
-        self, init_rank, alpha, dropout, orth_reg_weight, adapter_rank
-    ):
-        self.init_rank = init_rank
-        self.alpha = alpha
-        self.dropout = dropout
-        self.orth_reg_weight = orth_reg_weight
-        self.adapter_rank = adapter_rank
+    def _set_adapter_args(self, **settings):
+        for name in SETTINGS:
+            setattr(self, name, settings[name])
         self.adapter_dropout = (
-            layers.Dropout(dropout, name="adapter_dropout") if dropout else None
+            layers.Dropout(self.dropout, name="adapter_dropout")
+            if self.dropout
+            else None
         )
 
     def _adapter_config(self):
-        return {
-            "init_rank": self.init_rank,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "orth_reg_weight": self.orth_reg_weight,
-            "adapter_rank": self.adapter_rank,
-        }
+        return {name: getattr(self, name) for name in SETTINGS}
+
+    @classmethod
+    def from_config(cls, config):
+        # A configuration saved by keras-adalora 0.1 lacks the settings
+        # added since; its adapter was built with their old values.
+        return super().from_config(with_settings_before_0_2(config))
 
     @property
     def scale(self):
@@ -182,21 +295,15 @@ class AdaLoRAAdapter:
         return self.alpha / self.init_rank
 
     def _resolve_alpha(self):
-        """`alpha=None` means `init_rank * sqrt(d_in * d_out) / 12`, known
-        once the kernel is: a scale `alpha / init_rank` of
-        `sqrt(d_in * d_out) / 12` whatever the rank.
-
-        Our factors are orthonormal (norm 1), so the scale carries the
-        norms SPEC.md's `N(0, 1/init_rank)` factors would have at the
-        reference rank 12 (`sqrt(d_in / 12)` and `sqrt(d_out / 12)`); with a
-        scale of 1, Adam moves each `lam` by about the learning rate per
-        step and the adapter learns far slower than LoRA. The scale does not
-        grow as `init_rank` shrinks (as Keras LoRA's, whose `lora_alpha`
-        defaults to the rank): with `sqrt(d_in * d_out)` instead, rank 3
-        adapters on MiniLM got 4x the scale and collapsed to the majority
-        class at 2 of 3 learning rates (benchmarks/RESULTS.md).
-        """
-        if self.alpha is None:
+        """`alpha=None` means `init_rank` (a scale of 1) with normal
+        factors, and `init_rank * sqrt(d_in * d_out) / 12` (a scale of
+        `sqrt(d_in * d_out) / 12` whatever the rank) with orthogonal ones;
+        known once the kernel is."""
+        if self.alpha is not None:
+            return
+        if self.factor_init == "normal":
+            self.alpha = float(self.init_rank)
+        else:
             d_in, d_out = self._adapter_matrix_shape()
             root = float(np.sqrt(float(d_in) * float(d_out)))
             self.alpha = self.init_rank * root / REFERENCE_RANK
@@ -237,18 +344,14 @@ class AdaLoRAAdapter:
         self._resolve_alpha()
         d_in, d_out = self._adapter_matrix_shape()
         rank = self.adapter_rank
-        # A and B start as random orthonormal factors (orthonormal columns
-        # of A, rows of B) and lam = 0, all components alive. SPEC.md
-        # section 2 draws them from N(0, 1/init_rank) instead, but then
-        # ||A^T A - I||^2 ~ init_rank * (d / init_rank)^2 for width d: about
-        # 11,500 per factor at d=384, r=12, which swamps the task loss and
-        # the sensitivity scores (a layer whose output is ignored keeps rank
-        # on the penalty's gradient alone). Orthonormal factors are what the
-        # penalty asks for, so it starts at exactly 0.
+        if self.factor_init == "normal":
+            factors = initializers.RandomNormal(stddev=FACTOR_STDDEV)
+        else:
+            factors = initializers.Orthogonal()
         specs = {
-            A_NAME: ((d_in, rank), initializers.Orthogonal()),
+            A_NAME: ((d_in, rank), factors),
             LAM_NAME: ((rank,), initializers.Zeros()),
-            B_NAME: ((rank, d_out), initializers.Orthogonal()),
+            B_NAME: ((rank, d_out), factors),
             MASK_NAME: ((rank,), initializers.Ones()),
         }
         created = {}
@@ -288,9 +391,6 @@ class AdaLoRAAdapter:
 
     # Set by `disable_adapter` while the layer runs as its base layer.
     adapter_disabled = False
-    # The penalty's form: squared norms (the paper's) or the norms (PEFT's).
-    # Not part of the configuration: `benchmarks/` compares the two forms.
-    _orth_reg_squared = True
 
     def _component_scale(self):
         """`(alpha / init_rank) * lam * rank_mask`: one factor per component
@@ -319,14 +419,7 @@ class AdaLoRAAdapter:
         h = self._scale_components(h)
         out = self._adapter_project_out(h, self.adalora_b)
         if training and self.orth_reg_weight > 0 and not self.adapter_disabled:
-            self.add_loss(
-                self.orth_reg_weight
-                * orthogonality_penalty(
-                    self.adalora_a,
-                    self.adalora_b,
-                    squared=self._orth_reg_squared,
-                )
-            )
+            self.add_loss(self.orth_reg_weight * self.orthogonality_penalty())
         return ops.cast(out, self.compute_dtype)
 
     def delta_matrix(self):
@@ -353,8 +446,14 @@ class AdaLoRAAdapter:
         return int(round(float(ops.sum(self.rank_mask))))
 
     def orthogonality_penalty(self):
-        """This layer's `||A^T A - I||_F^2 + ||B B^T - I||_F^2` (unweighted)."""
-        return orthogonality_penalty(self.adalora_a, self.adalora_b)
+        """This layer's orthogonality penalty, unweighted: with
+        `orth_penalty="norm"`, `(||A^T A - I||_F + ||B B^T - I||_F) / 2`;
+        with `"squared"`, `||A^T A - I||_F^2 + ||B B^T - I||_F^2`."""
+        if self.orth_penalty == "squared":
+            return orthogonality_penalty(self.adalora_a, self.adalora_b)
+        return 0.5 * orthogonality_penalty(
+            self.adalora_a, self.adalora_b, squared=False
+        )
 
     # Compaction ------------------------------------------------------------
 
@@ -560,9 +659,11 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         init_rank=12,
         alpha=None,
         dropout=0.0,
-        orth_reg_weight=0.1,
+        orth_reg_weight=None,
         adapter_rank=None,
         initial_values=None,
+        factor_init="normal",
+        orth_penalty="norm",
     ):
         """Turns a built plain layer into an adapted one, keeping the object.
 
@@ -573,19 +674,32 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         the adapter saved values instead, as `load_adapter` does.
         """
         cls.check_wrappable(layer, init_rank)
-        args = cls.validate_args(
-            init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+        settings = cls.validate_args(
+            init_rank,
+            alpha,
+            dropout,
+            orth_reg_weight,
+            adapter_rank=adapter_rank,
+            factor_init=factor_init,
+            orth_penalty=orth_penalty,
         )
         with _keras.unlocked_tracker(layer):
             _keras.swap_class(layer, cls)
-            layer._set_adapter_args(*args)
+            layer._set_adapter_args(**settings)
             layer._freeze_base_weights()
             layer._build_adapter(initial_values=initial_values)
         return layer
 
     @classmethod
     def from_layer(
-        cls, layer, init_rank=12, alpha=None, dropout=0.0, orth_reg_weight=0.1
+        cls,
+        layer,
+        init_rank=12,
+        alpha=None,
+        dropout=0.0,
+        orth_reg_weight=None,
+        factor_init="normal",
+        orth_penalty="norm",
     ):
         """A new adapted layer holding a copy of `layer`'s weights.
 
@@ -600,6 +714,8 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
             alpha=alpha,
             dropout=dropout,
             orth_reg_weight=orth_reg_weight,
+            factor_init=factor_init,
+            orth_penalty=orth_penalty,
         )
         new = cls.from_config(config)
         new.build_from_config(layer.get_build_config())
@@ -684,9 +800,5 @@ _ADAPTER_ATTRIBUTES = (
     "adalora_b",
     "rank_mask",
     "adapter_dropout",
-    "init_rank",
-    "alpha",
-    "dropout",
-    "orth_reg_weight",
-    "adapter_rank",
+    *SETTINGS,
 )

@@ -15,9 +15,11 @@ def apply_adalora(
     init_rank=12,
     alpha=None,
     target=None,
-    orth_reg_weight=0.1,
+    orth_reg_weight=None,
     dropout=0.0,
     keep_trainable=None,
+    factor_init="normal",
+    orth_penalty="norm",
 ):
     """Adapts the layers of `model` with AdaLoRA, in place.
 
@@ -51,12 +53,10 @@ def apply_adalora(
         model: a built Keras model (or layer).
         init_rank: number of rank-1 components each adapter starts with.
         alpha: scale numerator; each adapter is multiplied by
-            `alpha / init_rank`. Defaults to
+            `alpha / init_rank`. Defaults to `init_rank`, a scale of 1
+            (with `factor_init="orthogonal"`:
             `init_rank * sqrt(d_in * d_out) / 12` of each layer's kernel
-            read as a matrix, a scale of `sqrt(d_in * d_out) / 12` whatever
-            `init_rank`: the adapter's factors are orthonormal, so the scale
-            carries the norms SPEC.md's random factors would have at rank
-            12 (see README, "Where we differ").
+            read as a matrix, a scale of `sqrt(d_in * d_out) / 12`).
         target: which layers to adapt. `None`: every plain `Dense` and
             `EinsumDense` whose kernel can hold `init_rank` components (a
             layer smaller than that, such as a head with few classes, is
@@ -80,8 +80,13 @@ def apply_adalora(
             `target=backbone.default_lora_layer_names()`. A callable
             `layer -> bool`: the layers of an adaptable kind it accepts (it
             is only called on those).
-        orth_reg_weight: weight of the orthogonality penalty each adapted
-            layer adds to the model's losses during training; `0` disables it.
+        orth_reg_weight: weight of the orthogonality penalty that keeps
+            `A`'s columns and `B`'s rows orthonormal, added to the model's
+            losses during training; `0` disables it. With
+            `orth_penalty="norm"` (default 0.5) it weighs the mean of the
+            adapted layers' penalties, so each of `n` layers gets
+            `orth_reg_weight / n`; with `"squared"` (default 0.1) every
+            layer gets all of it.
         dropout: dropout rate on the adapters' inputs (not applied to
             `Embedding` layers, whose inputs are token ids).
         keep_trainable: layers that keep training fully instead of being
@@ -91,6 +96,12 @@ def apply_adalora(
             weights outside the backbone, such as `BertTextClassifier`'s
             `logits`) and, with `target=None`, the layers too small to
             adapt; `[]` keeps nothing.
+        factor_init: how each adapter's `A` and `B` start: `"normal"`
+            (entries drawn from N(0, 0.02^2)) or `"orthogonal"` (random
+            orthonormal factors). `lam` starts at 0 either way.
+        orth_penalty: the penalty's form per layer: `"norm"`,
+            `(||A^T A - I||_F + ||B B^T - I||_F) / 2`, or `"squared"`,
+            `||A^T A - I||_F^2 + ||B B^T - I||_F^2`.
 
     Returns:
         `model`, adapted in place.
@@ -125,7 +136,9 @@ def apply_adalora(
     >>> len(get_rank_pattern(classifier))
     12
     """
-    validate_adapter_args(init_rank, alpha, dropout, orth_reg_weight)
+    _, alpha, dropout, orth_reg_weight, _, _ = validate_adapter_args(
+        init_rank, alpha, dropout, orth_reg_weight, factor_init, orth_penalty
+    )
     check_container(model)
     to_adapt, to_keep = select_layers(
         model, target, keep_trainable, init_rank=init_rank
@@ -136,6 +149,8 @@ def apply_adalora(
         cls.check_wrappable(layer, init_rank)
         classes.append(cls)
 
+    if orth_penalty == "norm":
+        orth_reg_weight /= len(to_adapt)
     for layer, cls in zip(to_adapt, classes):
         layer_dropout = dropout if cls.supports_dropout else 0.0
         cls.adapt_in_place(
@@ -144,6 +159,8 @@ def apply_adalora(
             alpha=alpha,
             dropout=layer_dropout,
             orth_reg_weight=orth_reg_weight,
+            factor_init=factor_init,
+            orth_penalty=orth_penalty,
         )
     freeze_all_but(model, to_adapt + to_keep)
     refresh_tracked_parameters(model)

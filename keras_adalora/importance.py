@@ -237,16 +237,26 @@ class AdapterView:
         mask: the rank mask `(r,)`, or None where not known.
         scale: the layer's `alpha / init_rank`.
         penalty_weight: its `orth_reg_weight`.
+        penalty_form: its `orth_penalty` (`"norm"` or `"squared"`).
     """
 
     def __init__(
-        self, path, a, lam, b, mask=None, scale=1.0, penalty_weight=0.0
+        self,
+        path,
+        a,
+        lam,
+        b,
+        mask=None,
+        scale=1.0,
+        penalty_weight=0.0,
+        penalty_form="squared",
     ):
         self.path = path
         self.a, self.lam, self.b = a, lam, b
         self.mask = mask
         self.scale = scale
         self.penalty_weight = penalty_weight
+        self.penalty_form = penalty_form
 
     @property
     def factors(self):
@@ -356,7 +366,7 @@ class Sensitivity(Importance):
         for layer, (grad_a, grad_lam, grad_b) in zip(layers, grads):
             if layer.penalty_weight:
                 penalty_a, penalty_b = penalty_gradients(
-                    layer.a, layer.b, layer.penalty_weight
+                    layer.a, layer.b, layer.penalty_weight, layer.penalty_form
                 )
                 grad_a = _float32(grad_a) - penalty_a
                 grad_b = _float32(grad_b) - penalty_b
@@ -457,14 +467,38 @@ def get(importance, beta1=0.85, beta2=0.85):
     )
 
 
-def penalty_gradients(a, b, weight):
-    """Gradients of `weight * (||A^T A - I||^2 + ||B B^T - I||^2)` w.r.t.
-    `A` and `B`: `4 weight A (A^T A - I)` and `4 weight (B B^T - I) B`,
-    written as `A (A^T A) - A` to save the identity matrix."""
+def penalty_gradients(a, b, weight, form="squared"):
+    """Gradients w.r.t. `A` and `B` of a layer's weighted orthogonality
+    penalty, `G_A = A^T A - I` and `G_B = B B^T - I`:
+
+    - `form="squared"`, `weight * (||G_A||^2 + ||G_B||^2)`:
+      `4 weight A G_A` and `4 weight G_B B`;
+    - `form="norm"`, `weight * (||G_A|| + ||G_B||) / 2`:
+      `weight A G_A / ||G_A||` and `weight G_B B / ||G_B||` (0 where a
+      factor is exactly orthonormal, as the penalty's own gradient).
+    """
     a, b = _float32(a), _float32(b)
-    grad_a = ops.matmul(a, ops.matmul(ops.transpose(a), a)) - a
-    grad_b = ops.matmul(ops.matmul(b, ops.transpose(b)), b) - b
-    return 4.0 * weight * grad_a, 4.0 * weight * grad_b
+    rank = a.shape[-1]
+    eye = ops.eye(rank, dtype="float32")
+    gram_a = ops.matmul(ops.transpose(a), a) - eye
+    gram_b = ops.matmul(b, ops.transpose(b)) - eye
+    grad_a = ops.matmul(a, gram_a)
+    grad_b = ops.matmul(gram_b, b)
+    if form == "squared":
+        return 4.0 * weight * grad_a, 4.0 * weight * grad_b
+    return (
+        weight * grad_a * _inverse_norm(gram_a),
+        weight * grad_b * _inverse_norm(gram_b),
+    )
+
+
+def _inverse_norm(x):
+    """`1 / ||x||_F`, and 0 where `x` is exactly 0."""
+    squared = ops.sum(ops.square(x))
+    positive = ops.greater(squared, 0.0)
+    return ops.where(
+        positive, ops.rsqrt(ops.where(positive, squared, 1.0)), 0.0
+    )
 
 
 def delta_frobenius_norm(a, lam, b):

@@ -298,7 +298,8 @@ def import_peft(model, directory):
 
     - a LoRA module of rank r (`delta_W = scaling * lora_B @ lora_A`) is
       rewritten in AdaLoRA's SVD form, exactly: orthonormal `A` and `B`, its
-      singular values in `lam`, all components alive, the default `alpha`,
+      singular values in `lam`, all components alive, `alpha` =
+      `sqrt(d_in * d_out)`, the penalty of `factor_init="orthogonal"`,
       and `init_rank` its rank: `r`, or less where the matrix holds less
       (`min(d_in, d_out)`, or a slice of GPT-2's fused `c_attn` exported
       from Keras, whose components beyond its own rank are below float32
@@ -306,7 +307,9 @@ def import_peft(model, directory):
     - an AdaLoRA module maps as it is: `lora_A` and `lora_B` (transposed)
       onto `A` and `B`, `lora_E` onto `lam`, its `rank_pattern` onto the
       mask (`init_rank = init_r`, the pruned components already removed, as
-      `compact_adalora` leaves them);
+      `compact_adalora` leaves them), with PEFT's penalty
+      (`orth_penalty="norm"`, its `orth_reg_weight` shared among the layers
+      as `apply_adalora` shares it);
     - `modules_to_save` heads (`classifier` of a `BertTextClassifier`) give
       their weights to the task's head.
 
@@ -401,6 +404,9 @@ def import_peft(model, directory):
         seen.add(id(layer))
 
     for cls, layer, kwargs in plans:
+        if kwargs["orth_penalty"] == "norm":
+            # PEFT's weight is on the mean of the modules' penalties.
+            kwargs["orth_reg_weight"] /= len(plans)
         cls.adapt_in_place(layer, **kwargs)
     for layer, values in heads:
         layer.kernel.assign(values["weight"].T.astype("float32"))
@@ -492,7 +498,7 @@ def _read_config(path):
             f"config['lora_dropout'] must be a rate in [0, 1); it is {dropout}"
         )
     orth_reg_weight = get(
-        config, "orth_reg_weight", "config", source.number, 0.1
+        config, "orth_reg_weight", "config", source.number, 0.5
     )
     if orth_reg_weight < 0:
         raise source.damaged(
@@ -738,7 +744,10 @@ def _plan_module(
         scale = lora_alpha / (init_rank + _ADALORA_EPS)
         alpha = scale * init_rank
         a, b = left.T, right.T
-        orth = settings["orth_reg_weight"]
+        # PEFT's penalty: `import_peft` shares its weight among the layers.
+        orth, factor_init, orth_penalty = (
+            settings["orth_reg_weight"], "normal", "norm"
+        )
     else:
         r = _pattern(settings["rank_pattern"], module) or settings["r"]
         lora_alpha = (
@@ -766,7 +775,8 @@ def _plan_module(
         init_rank = kept = lam.shape[0]
         alpha = float(np.sqrt(float(d_in) * float(d_out)))
         lam = lam * init_rank / alpha
-        orth = 0.1
+        # Orthonormal factors, as `factor_init="orthogonal"` draws them.
+        orth, factor_init, orth_penalty = 0.1, "orthogonal", "squared"
     with np.errstate(over="ignore"):  # float32 overflows to inf: refused
         initial = {
             A_NAME: a.astype("float32"),
@@ -783,6 +793,8 @@ def _plan_module(
         "alpha": alpha,
         "dropout": dropout,
         "orth_reg_weight": orth,
+        "factor_init": factor_init,
+        "orth_penalty": orth_penalty,
         "adapter_rank": kept,
     }
     return _plan_adapter(record, layer, initial, where)

@@ -138,6 +138,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         self.kind = kind
         self.importance = importance if isinstance(importance, str) else kind
         self.penalty_weights = {}
+        self.penalty_forms = {}
         self.layer_scales = {}
         self._scoring_before_build = True
 
@@ -264,6 +265,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 mask=None if masks is None else masks[i],
                 scale=self.layer_scales.get(key, 1.0),
                 penalty_weight=self.penalty_weights.get(key, 0.0),
+                penalty_form=self.penalty_forms.get(key, "squared"),
             )
             for i, (key, a, lam, b) in enumerate(factors)
         ]
@@ -338,6 +340,9 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         layers = adapted_layers(model)
         self.penalty_weights = {
             layer_path(layer): layer.orth_reg_weight for layer in layers
+        }
+        self.penalty_forms = {
+            layer_path(layer): layer.orth_penalty for layer in layers
         }
         self.layer_scales = {layer_path(layer): layer.scale for layer in layers}
 

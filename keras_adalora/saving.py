@@ -5,14 +5,16 @@ with `h5py` alone, no Keras needed) that holds only what fine-tuning
 produced on top of the pretrained base model:
 
 - root attribute `metadata`: a JSON object (UTF-8 bytes) with
-  - `format` (`"keras-adalora-adapter"`) and `format_version` (1),
+  - `format` (`"keras-adalora-adapter"`) and `format_version` (2),
   - `keras_adalora_version`, `keras_version`, `backend` (of the saving run),
   - `rank_pattern`: `{layer path: active rank}`,
   - `num_weighted_layers`: how many layers of the model own weights,
   - `adapters`: one entry per adapted layer, in model order: its `path`, its
     `index` among the model's layers that own weights, `base_class`
     (`Dense`, `EinsumDense` or `Embedding`), `kernel_shape`, `init_rank`,
-    `alpha`, `dropout`, `orth_reg_weight`, `adapter_rank` (smaller than
+    `alpha`, `dropout`, `orth_reg_weight`, `factor_init`, `orth_penalty`
+    (absent in format version 1: `"orthogonal"` and `"squared"`),
+    `adapter_rank` (smaller than
     `init_rank` once compacted) and `active_rank`;
   - `trained`: the other layers that were trained (a KerasHub task's head,
     layers kept trainable with `keep_trainable`): `path`, `index`, `class`,
@@ -51,6 +53,8 @@ from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
 from keras_adalora.adapter import LAM_NAME
 from keras_adalora.adapter import MASK_NAME
+from keras_adalora.adapter import SETTINGS
+from keras_adalora.adapter import read_settings_since_0_2
 from keras_adalora.adapter import AdaLoRAAdapter
 from keras_adalora.apply import freeze_all_but
 from keras_adalora.quantization import kernel_shape
@@ -61,7 +65,7 @@ from keras_adalora.targets import layer_path
 from keras_adalora.targets import require_adapted_layers
 
 FORMAT = "keras-adalora-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".adalora.h5"
 _ADAPTER_WEIGHTS = (A_NAME, LAM_NAME, B_NAME, MASK_NAME)
 # The oldest HDF5 whose formats checksum every structure (see module doc);
@@ -128,6 +132,8 @@ def save_adapter(model, filepath, overwrite=True):
                 "alpha": layer.alpha,
                 "dropout": layer.dropout,
                 "orth_reg_weight": layer.orth_reg_weight,
+                "factor_init": layer.factor_init,
+                "orth_penalty": layer.orth_penalty,
                 "adapter_rank": layer.adapter_rank,
                 "active_rank": layer.active_rank,
             }
@@ -397,6 +403,7 @@ def _adapter_record(entry, where, source):
         "alpha": get(entry, "alpha", where, source.number, optional=True),
         "dropout": get(entry, "dropout", where, source.number),
         "orth_reg_weight": get(entry, "orth_reg_weight", where, source.number),
+        **read_settings_since_0_2(entry, where, source),
         "adapter_rank": get(entry, "adapter_rank", where, source.integer),
     }
 
@@ -593,12 +600,7 @@ def _plan_adapter(record, layer, values, where):
             f"{_describe(layer)} differs. Load the adapter into a copy of the "
             "base model it was trained on."
         )
-    settings = {
-        key: record[key]
-        for key in (
-            "init_rank", "alpha", "dropout", "orth_reg_weight", "adapter_rank"
-        )
-    }
+    settings = {key: record[key] for key in SETTINGS}
     try:
         cls.validate_args(**settings)
     except ValueError as error:

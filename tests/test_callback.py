@@ -16,7 +16,7 @@ from keras_adalora.targets import adapted_layers
 N = 64  # samples; with batch_size 8, 8 steps per epoch
 
 
-def two_branch_model(orth_reg_weight=0.1, init_rank=4):
+def two_branch_model(orth_reg_weight=0.1, init_rank=4, orth_penalty="squared"):
     """Two parallel two-layer branches; the second one's output is
     multiplied by zero, so nothing it learns can change the loss."""
     inputs = keras.Input((12,))
@@ -33,6 +33,8 @@ def two_branch_model(orth_reg_weight=0.1, init_rank=4):
         init_rank=init_rank,
         target=["used", "dead"],
         orth_reg_weight=orth_reg_weight,
+        orth_penalty=orth_penalty,
+        factor_init="orthogonal",
         keep_trainable=["head"],
     )
     return model
@@ -427,14 +429,15 @@ def test_compacting_during_pruning_still_reaches_the_exact_budget():
     assert sum(get_rank_pattern(model).values()) == 4
 
 
-def test_in_fit_scores_equal_scores_from_independently_computed_gradients():
+@pytest.mark.parametrize("form, weight", [("squared", 0.1), ("norm", 0.5)])
+def test_in_fit_scores_equal_scores_from_independently_computed_gradients(form, weight):
     # One step of `fit` (the whole data in one batch) from zero score state:
     # I_bar = (1 - beta1) * |theta * dL_task/dtheta|, theta before the step,
-    # L_task the loss without the orthogonality penalty.
+    # L_task the loss without the orthogonality penalty (of either form).
     from helpers import randomize_adapters
     from helpers import task_gradients
 
-    model = compile_model(two_branch_model(orth_reg_weight=0.1))
+    model = compile_model(two_branch_model(orth_reg_weight=weight, orth_penalty=form))
     randomize_adapters(model, seed=3)
     for layer in adapted_layers(model):
         # Off orthonormal, so that the penalty's gradient is not zero.

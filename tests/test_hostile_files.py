@@ -282,6 +282,14 @@ ADAPTER_DAMAGE = {
         set_adapter(2, alpha=float("inf")),
         r"\['alpha'\] must be a finite number",
     ),
+    "factor-init-unknown": (
+        set_adapter(2, factor_init="he_normal"),
+        r"\['factor_init'\] must be one of \['normal', 'orthogonal'\]",
+    ),
+    "orth-penalty-not-text": (
+        set_adapter(1, orth_penalty=["norm"]),
+        r"\['orth_penalty'\] must be one of \['norm', 'squared'\]",
+    ),
     "rank-huge": (
         set_adapter(1, init_rank=10**9, adapter_rank=10**9),
         "'hidden'.*init_rank=1000000000, more components",
@@ -826,6 +834,12 @@ KERAS_DAMAGE = {
         "hub",
         set_record_adapter(init_rank="2"),
         rf"{RECORD}.*\['init_rank'\] must be an integer >= 0; it is '2'",
+    ),
+    "record-penalty-unknown": (
+        "hub",
+        set_record_adapter(orth_penalty="cubed"),
+        rf"{RECORD}.*\['orth_penalty'\] must be one of \['norm', 'squared'\]; "
+        "it is 'cubed'",
     ),
     "record-rank-negative": (
         "hub",

@@ -354,7 +354,11 @@ def test_a_causal_lm_quantized_to_int8_adapts_with_its_token_embedding(
     before_tokens = model.generate(prompt, stop_token_ids=None)["token_ids"]
     quantized = {v.path: to_numpy(v).copy() for v in model.weights}
 
-    apply_adalora(model, init_rank=4, target=["all", "embeddings"])
+    # Orthonormal factors at their larger scale: three epochs move the
+    # outputs far more than re-quantizing the merged kernels does.
+    apply_adalora(
+        model, init_rank=4, target=["all", "embeddings"], factor_init="orthogonal"
+    )
     layers = adapted_layers(model)
     assert {layer.quantization_mode for layer in layers} == {"int8"}
     assert "token_embedding" in get_rank_pattern(model)

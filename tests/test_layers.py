@@ -82,7 +82,7 @@ if keras_hub is not None:
     )
 
 
-def built_pair(case, init_rank=3):
+def built_pair(case, init_rank=3, **adapter_args):
     factory, x = CASES[case]
     x = x.astype("float32") if x.dtype.kind == "f" else x.astype("int32")
     base = factory()
@@ -96,7 +96,9 @@ def built_pair(case, init_rank=3):
         reason = re.search(r"The \w+ op [^\[]+", str(error))
         pytest.skip(f"Keras's own {type(base).__name__} cannot run here: "
                     f"{reason.group(0).strip() if reason else type(error).__name__}")
-    adapted = adapter_classes()[type(base)].from_layer(base, init_rank=init_rank)
+    adapted = adapter_classes()[type(base)].from_layer(
+        base, init_rank=init_rank, **adapter_args
+    )
     return base, adapted, x
 
 
@@ -179,13 +181,26 @@ def test_toggling_trainable_never_unfreezes_the_base_kernel():
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_factors_start_orthonormal_so_the_penalty_starts_at_zero(case):
-    _, adapted, _ = built_pair(case)
+def test_orthogonal_factors_start_orthonormal_so_the_penalty_starts_at_zero(case):
+    _, adapted, _ = built_pair(case, factor_init="orthogonal", orth_penalty="squared")
     a, b = to_numpy(adapted.adalora_a), to_numpy(adapted.adalora_b)
     np.testing.assert_allclose(a.T @ a, np.eye(3), atol=1e-5)
     np.testing.assert_allclose(b @ b.T, np.eye(3), atol=1e-5)
     assert float(to_numpy(adapted.orthogonality_penalty())) < 1e-8
     # Random, not a fixed basis: two layers start differently.
+    _, other, _ = built_pair(case, factor_init="orthogonal")
+    assert not np.allclose(a, to_numpy(other.adalora_a))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_factors_start_small_and_random_by_default(case):
+    _, adapted, _ = built_pair(case)
+    assert (adapted.factor_init, adapted.orth_penalty) == ("normal", "norm")
+    assert adapted.scale == 1.0
+    a, b = to_numpy(adapted.adalora_a), to_numpy(adapted.adalora_b)
+    entries = np.concatenate([a.ravel(), b.ravel()])
+    assert abs(entries.mean()) < 0.01 and 0.012 < entries.std() < 0.028
+    assert np.all(to_numpy(adapted.adalora_lam) == 0.0)
     _, other, _ = built_pair(case)
     assert not np.allclose(a, to_numpy(other.adalora_a))
 
@@ -268,14 +283,21 @@ def test_the_unsquared_penalty_has_a_finite_gradient_at_orthonormal_factors():
         assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
 
 
-def test_penalty_is_added_to_losses_in_training_only():
-    layer = AdaLoRADense(6, init_rank=3, orth_reg_weight=0.5)
+@pytest.mark.parametrize("form", ["norm", "squared"])
+def test_penalty_is_added_to_losses_in_training_only(form):
+    layer = AdaLoRADense(6, init_rank=3, orth_reg_weight=0.5, orth_penalty=form)
     x = np.ones((2, 5), "float32")
     layer(x, training=False)
     assert layer.losses == []
     layer(x, training=True)
     assert len(layer.losses) == 1
-    expected = 0.5 * float(to_numpy(orthogonality_penalty(layer.adalora_a, layer.adalora_b)))
+    a, b = to_numpy(layer.adalora_a), to_numpy(layer.adalora_b)
+    gram_a = np.linalg.norm(a.T @ a - np.eye(3))
+    gram_b = np.linalg.norm(b @ b.T - np.eye(3))
+    if form == "norm":  # the mean of the two norms
+        expected = 0.5 * (gram_a + gram_b) / 2
+    else:  # the sum of their squares
+        expected = 0.5 * (gram_a**2 + gram_b**2)
     np.testing.assert_allclose(float(to_numpy(layer.losses[0])), expected, rtol=1e-5)
     silent = AdaLoRADense(6, init_rank=3, orth_reg_weight=0.0)
     silent(x, training=True)
@@ -373,21 +395,25 @@ def test_mixed_bfloat16_keeps_adapter_weights_in_float32_and_trains():
 
 
 @pytest.mark.parametrize("init_rank", [2, 3, 12, 24])
-def test_default_scale_is_sqrt_d_in_d_out_over_12_whatever_the_rank(init_rank):
-    # The scale alpha / init_rank does not grow as the rank shrinks (with
-    # alpha = sqrt(d_in * d_out) a rank-3 MiniLM adapter got 4x the scale
-    # and collapsed; benchmarks/RESULTS.md). An explicit alpha is kept, and
-    # the resolved default is what the config (so a saved model) holds.
+def test_default_scale_is_one_with_normal_factors_and_rank_free_with_orthogonal(init_rank):
+    # Normal factors: alpha = init_rank, a scale of 1. Orthonormal factors:
+    # a scale of sqrt(d_in * d_out) / 12 that does not grow as the rank
+    # shrinks. An explicit alpha is kept, and the resolved default is what
+    # the config (so a saved model) holds.
     dense = keras.layers.Dense(48)
     dense.build((None, 27))
-    adapted = AdaLoRADense.from_layer(dense, init_rank=init_rank)
+    normal = AdaLoRADense.from_layer(dense, init_rank=init_rank)
+    assert normal.scale == 1.0 and normal.get_config()["alpha"] == init_rank
+    adapted = AdaLoRADense.from_layer(dense, init_rank=init_rank, factor_init="orthogonal")
     assert adapted.scale == pytest.approx(np.sqrt(27 * 48) / 12)
     assert adapted.get_config()["alpha"] == pytest.approx(init_rank * np.sqrt(27 * 48) / 12)
     explicit = AdaLoRADense.from_layer(dense, init_rank=init_rank, alpha=5.0)
     assert explicit.scale == pytest.approx(5.0 / init_rank)
-    rebuilt = AdaLoRADense.from_config(adapted.get_config())
-    rebuilt.build((None, 27))
-    assert rebuilt.scale == pytest.approx(adapted.scale)
+    for layer in (normal, adapted):
+        rebuilt = AdaLoRADense.from_config(layer.get_config())
+        rebuilt.build((None, 27))
+        assert rebuilt.scale == pytest.approx(layer.scale)
+        assert rebuilt.factor_init == layer.factor_init
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])

@@ -364,7 +364,9 @@ def test_quantized_tables_adapt_both_ways_train_compact_merge_and_reload(
     }
     before = to_numpy(model.predict(x, verbose=0))
 
-    apply_adalora(model, init_rank=4, target=[*tables, "mid"])
+    # Orthonormal factors at their larger scale: three epochs move the
+    # outputs well above float32 and int4 round-off.
+    apply_adalora(model, init_rank=4, target=[*tables, "mid"], factor_init="orthogonal")
     np.testing.assert_allclose(to_numpy(model.predict(x, verbose=0)), before, atol=1e-6)
     expected = {f"{n}/adalora_{w}" for n in (*tables, "mid") for w in ("A", "lam", "B")}
     assert {v.path for v in model.trainable_weights} == expected

@@ -118,7 +118,8 @@ def cell_name(task, method, budget):
 # (`budget`: "parameters" gives AdaLoRA `target_params`, the parameters
 # the uniform control's adapters hold; AdaLoRA only). Records keep the
 # variant's name, and the rule is applied explicitly (see
-# `workers.set_scale`), so they keep their meaning when defaults change.
+# `workers.set_scale`), so they keep their meaning when defaults change;
+# only `defaults` takes the library's defaults as they are.
 # `control`: the variant of the uniform control with the same adapters
 # (itself where it is not said).
 VARIANTS = {
@@ -187,6 +188,21 @@ VARIANTS = {
         "control": "peft-init-peft-penalty",
         "doc": "peft-init-peft-penalty, with the budget in parameters (as "
         "rank-free-params)",
+    },
+    "defaults": {
+        "adalora": {"defaults": True},
+        "doc": "the library's defaults since 0.2: `apply_adalora(model, "
+        "init_rank, target=\"all\")` and nothing else (`A`, `B` from N(0, 0.02), "
+        "a scale of 1, PEFT's penalty form and weight); peft-init-peft-penalty "
+        "up to the random draws, with the sensitivity taking out the norm "
+        "penalty's own gradient (peft-init-peft-penalty's runs took out the "
+        "squared form's)",
+    },
+    "defaults-params": {
+        "adalora": {"defaults": True},
+        "budget": "parameters",
+        "control": "defaults",
+        "doc": "defaults, with the budget in parameters (as rank-free-params)",
     },
     "peft-init-no-orth": {
         "adalora": {"scale": "unit", "factors": "normal-0.02", "orth_reg_weight": 0.0},

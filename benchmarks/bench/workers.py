@@ -140,9 +140,11 @@ def set_scale(model, rule, target_rank=None):
 def adapt(model, init_rank, adalora, target_rank=None, seed=0):
     """Swaps every projection of `model` for its AdaLoRA layer at
     `init_rank`, with a variant's `apply_adalora` arguments (`adalora`:
-    `scale`, `factors`, `orth_reg_weight`) applied explicitly; the adapted
-    layers. `target_rank`: the budget's average rank (the `"target"` scale
-    rule's); `seed`: the run's (the `"normal-S"` factor rule's).
+    `scale`, `factors`, `penalty`, `orth_reg_weight`) applied explicitly,
+    or the library's defaults as they are (`adalora["defaults"]`); the
+    adapted layers. `target_rank`: the budget's average rank (the
+    `"target"` scale rule's); `seed`: the run's (the `"normal-S"` factor
+    rule's).
 
     What AdaLoRA and the uniform control share, in the benchmark's runs
     and in `pruning_probe.py`.
@@ -150,29 +152,32 @@ def adapt(model, init_rank, adalora, target_rank=None, seed=0):
     import keras_adalora
     from keras_adalora.adapter import AdaLoRAAdapter
 
-    keras_adalora.apply_adalora(
-        model,
-        init_rank=init_rank,
-        target="all",
-        orth_reg_weight=adalora.get("orth_reg_weight", 0.1),
-    )
-    set_scale(model, adalora.get("scale", "sqrt"), target_rank)
+    if adalora.get("defaults"):
+        keras_adalora.apply_adalora(model, init_rank=init_rank, target="all")
+    else:
+        # The penalty explicitly: ours (squared norms, summed, 0.1 per layer)
+        # or PEFT's (`"peft"`: the norms averaged over the 2n factors, 0.5).
+        peft = adalora.get("penalty") == "peft"
+        keras_adalora.apply_adalora(
+            model,
+            init_rank=init_rank,
+            target="all",
+            orth_reg_weight=adalora.get("orth_reg_weight", 0.5 if peft else 0.1),
+            orth_penalty="norm" if peft else "squared",
+            factor_init="orthogonal",
+        )
+        set_scale(model, adalora.get("scale", "sqrt"), target_rank)
     layers = [layer for layer in model._flatten_layers(include_self=False)
               if isinstance(layer, AdaLoRAAdapter)]
-    set_factors(layers, adalora.get("factors", "orthogonal"), seed)
-    if adalora.get("penalty") == "peft":
-        # PEFT's form: the unsquared norms, averaged over the 2n factors, times
-        # 0.5; each layer adds its share.
-        for layer in layers:
-            layer._orth_reg_squared = False
-            layer.orth_reg_weight = 0.5 / (2 * len(layers))
+    if not adalora.get("defaults"):
+        set_factors(layers, adalora.get("factors", "orthogonal"), seed)
     return layers
 
 
 def set_factors(layers, rule, seed):
     """Draws every adapter's `A` and `B` anew by a rule, explicitly:
-    `"orthogonal"` keeps what `apply_adalora` drew (random orthonormal
-    factors); `"normal-S"` draws each entry from N(0, S) (PEFT's
+    `"orthogonal"` keeps what `apply_adalora(factor_init="orthogonal")`
+    drew (random orthonormal factors); `"normal-S"` draws each entry from N(0, S) (PEFT's
     `N(0, 0.02)`), from a NumPy generator seeded with `seed`."""
     import numpy as np
 

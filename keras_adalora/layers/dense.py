@@ -37,14 +37,21 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         init_rank: Number of rank-1 components the adapter starts with
             (SPEC's `r0`); at most `min(d_in, units)`.
         alpha: Scale numerator; the adapter is multiplied by
-            `alpha / init_rank`. Defaults to
-            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
-            kernel read as a matrix (set when the layer is built): a scale
-            of `sqrt(d_in * d_out) / 12` whatever `init_rank`.
+            `alpha / init_rank`. Defaults to `init_rank` (a scale of 1)
+            with `factor_init="normal"`, and to
+            `init_rank * sqrt(d_in * d_out) / 12` with `"orthogonal"`,
+            `(d_in, d_out)` the kernel read as a matrix (set when the layer
+            is built).
         dropout: Dropout rate applied to the adapter's input only.
-        orth_reg_weight: Weight of the orthogonality penalty
-            `||A^T A - I||^2 + ||B B^T - I||^2` added to the model's losses
-            during training. `0` disables it.
+        orth_reg_weight: Weight of this layer's orthogonality penalty,
+            added to the model's losses during training; `0` disables it.
+            Defaults to 0.5 with `orth_penalty="norm"` and 0.1 with
+            `"squared"`.
+        factor_init: How `A` and `B` start: `"normal"` (entries drawn from
+            N(0, 0.02^2)) or `"orthogonal"` (random orthonormal factors).
+        orth_penalty: The penalty's form: `"norm"`,
+            `(||A^T A - I||_F + ||B B^T - I||_F) / 2`, or `"squared"`,
+            `||A^T A - I||_F^2 + ||B B^T - I||_F^2`.
         adapter_rank: Number of components stored; equals `init_rank` until
             `compact_adalora` removes the pruned ones. Set by deserialization,
             not by users.
@@ -67,13 +74,21 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         init_rank=12,
         alpha=None,
         dropout=0.0,
-        orth_reg_weight=0.1,
+        orth_reg_weight=None,
+        factor_init="normal",
+        orth_penalty="norm",
         adapter_rank=None,
         **kwargs,
     ):
         super().__init__(units, **kwargs)
         self._init_adapter(
-            init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+            init_rank,
+            alpha,
+            dropout,
+            orth_reg_weight,
+            adapter_rank=adapter_rank,
+            factor_init=factor_init,
+            orth_penalty=orth_penalty,
         )
 
     def _adapter_matrix_shape(self):

@@ -59,13 +59,22 @@ class AdaLoRAPositionEmbedding(
         init_rank: Number of rank-1 components the adapter starts with; at
             most `min(sequence_length, hidden_dim)`.
         alpha: Scale numerator; the adapter is multiplied by
-            `alpha / init_rank`. Defaults to
-            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
-            table's shape (set when the layer is built).
+            `alpha / init_rank`. Defaults to `init_rank` (a scale of 1)
+            with `factor_init="normal"`, and to
+            `init_rank * sqrt(d_in * d_out) / 12` with `"orthogonal"`,
+            `(d_in, d_out)` the kernel read as a matrix (set when the layer
+            is built).
         dropout: Must be `0`: the adapter's inputs are positions, which
             dropout does not apply to.
-        orth_reg_weight: Weight of the orthogonality penalty added to the
-            model's losses during training; `0` disables it.
+        orth_reg_weight: Weight of this layer's orthogonality penalty,
+            added to the model's losses during training; `0` disables it.
+            Defaults to 0.5 with `orth_penalty="norm"` and 0.1 with
+            `"squared"`.
+        factor_init: How `A` and `B` start: `"normal"` (entries drawn from
+            N(0, 0.02^2)) or `"orthogonal"` (random orthonormal factors).
+        orth_penalty: The penalty's form: `"norm"`,
+            `(||A^T A - I||_F + ||B B^T - I||_F) / 2`, or `"squared"`,
+            `||A^T A - I||_F^2 + ||B B^T - I||_F^2`.
         adapter_rank: Number of components stored (set by deserialization
             after `compact_adalora`).
         **kwargs: Every other `keras.layers.Layer` argument (`name`,
@@ -87,7 +96,9 @@ class AdaLoRAPositionEmbedding(
         init_rank=12,
         alpha=None,
         dropout=0.0,
-        orth_reg_weight=0.1,
+        orth_reg_weight=None,
+        factor_init="normal",
+        orth_penalty="norm",
         adapter_rank=None,
         **kwargs,
     ):
@@ -95,7 +106,13 @@ class AdaLoRAPositionEmbedding(
         self.sequence_length = check_int(sequence_length, "sequence_length", 1)
         self.initializer = keras.initializers.get(initializer)
         self._init_adapter(
-            init_rank, alpha, dropout, orth_reg_weight, adapter_rank
+            init_rank,
+            alpha,
+            dropout,
+            orth_reg_weight,
+            adapter_rank=adapter_rank,
+            factor_init=factor_init,
+            orth_penalty=orth_penalty,
         )
 
     @classmethod

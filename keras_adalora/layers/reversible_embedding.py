@@ -41,14 +41,22 @@ class AdaLoRAReversibleEmbedding(AdaLoRAEmbedding, keras.layers.ReversibleEmbedd
         init_rank: Number of rank-1 components the adapter starts with; at
             most `min(input_dim, output_dim)`.
         alpha: Scale numerator; the adapter is multiplied by
-            `alpha / init_rank`. Defaults to
-            `init_rank * sqrt(d_in * d_out) / 12`, `(d_in, d_out)` the
-            table's shape (set when the layer is built): a scale of
-            `sqrt(d_in * d_out) / 12` whatever `init_rank`.
+            `alpha / init_rank`. Defaults to `init_rank` (a scale of 1)
+            with `factor_init="normal"`, and to
+            `init_rank * sqrt(d_in * d_out) / 12` with `"orthogonal"`,
+            `(d_in, d_out)` the kernel read as a matrix (set when the layer
+            is built).
         dropout: Must be `0`: lookups take token ids, which dropout does
             not apply to.
-        orth_reg_weight: Weight of the orthogonality penalty added to the
-            model's losses during training; `0` disables it.
+        orth_reg_weight: Weight of this layer's orthogonality penalty,
+            added to the model's losses during training; `0` disables it.
+            Defaults to 0.5 with `orth_penalty="norm"` and 0.1 with
+            `"squared"`.
+        factor_init: How `A` and `B` start: `"normal"` (entries drawn from
+            N(0, 0.02^2)) or `"orthogonal"` (random orthonormal factors).
+        orth_penalty: The penalty's form: `"norm"`,
+            `(||A^T A - I||_F + ||B B^T - I||_F) / 2`, or `"squared"`,
+            `||A^T A - I||_F^2 + ||B B^T - I||_F^2`.
         adapter_rank: Number of components stored (set by deserialization
             after `compact_adalora`).
         **kwargs: Every other `keras.layers.ReversibleEmbedding` argument
