@@ -26,7 +26,7 @@ from keras_adalora.saving import load_adapter
 from keras_adalora.saving import save_adapter
 from keras_adalora.summary import summary
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "AdaLoRAConv1D",
