@@ -108,10 +108,12 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
         """The effective kernel `W + delta_W` (a tensor, not a variable)."""
         return self._effective_kernel()
 
-    def _float_output(self, inputs):
-        return ops.matmul(inputs, _keras.kernel_variable(self))
+    folds_into_kernel = True
+
+    def _float_output(self, inputs, kernel=None):
+        if kernel is None:
+            kernel = _keras.kernel_variable(self)
+        return ops.matmul(inputs, kernel)
 
     def call(self, inputs, training=None):
-        return self._add_adapter_bias_activation(
-            self._frozen_output(inputs, training), inputs, training
-        )
+        return self._forward(inputs, training)

@@ -221,10 +221,12 @@ class AdaLoRAEinsumDense(AdaptedLayerMixin, keras.layers.EinsumDense):
         """The effective kernel `W + delta_W` (a tensor, not a variable)."""
         return self._effective_kernel()
 
-    def _float_output(self, inputs):
-        return ops.einsum(self.equation, inputs, _keras.kernel_variable(self))
+    folds_into_kernel = True
+
+    def _float_output(self, inputs, kernel=None):
+        if kernel is None:
+            kernel = _keras.kernel_variable(self)
+        return ops.einsum(self.equation, inputs, kernel)
 
     def call(self, inputs, training=None):
-        return self._add_adapter_bias_activation(
-            self._frozen_output(inputs, training), inputs, training
-        )
+        return self._forward(inputs, training)
