@@ -619,14 +619,17 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
     def _runs_folded(self):
         """Whether the forward pass multiplies the inputs by `W + delta_W`
         (one product, as Keras's LoRA does) rather than adding the adapter's
-        own term `((x @ A) * c) @ B`: on JAX, for a float kernel without
-        adapter dropout. XLA on CPU runs the two thin products far slower
-        than the one product with the kernel."""
+        own term `((x @ A) * c) @ B`: on JAX, for a float32 kernel computed
+        in float32 (under a lower-precision policy `W + delta_W` would round
+        a small `delta_W` away), without adapter dropout. XLA on CPU runs
+        the two thin products far slower than the one product with the
+        kernel."""
         return (
             self.folds_into_kernel
             and backend.backend() == "jax"
             and self.quantization_mode is None
             and self.adapter_dropout is None
+            and backend.standardize_dtype(self.compute_dtype) == ADAPTER_DTYPE
         )
 
     def _forward(self, inputs, training):
@@ -637,7 +640,7 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
                 ops.cast(_keras.kernel_variable(self), ADAPTER_DTYPE),
                 self.delta_kernel(),
             )
-            x = self._float_output(inputs, ops.cast(kernel, self.compute_dtype))
+            x = self._float_output(inputs, kernel)
             self._add_penalty(training)
             return self._add_bias_activation(x)
         return self._add_adapter_bias_activation(

@@ -434,3 +434,26 @@ def test_reversible_embedding_logits_use_the_adapted_table_when_tied(tie_weights
     if not tie_weights:
         # The separate output projection is frozen, as merging leaves it.
         assert not adapted.reverse_embeddings.trainable
+
+
+@pytest.mark.parametrize("case", ["dense", "einsum_output", "einsum_query"])
+def test_on_jax_a_float32_adapter_runs_folded_into_its_kernel_with_the_same_outputs(
+    case, monkeypatch
+):
+    _, adapted, x = built_pair(case)
+    adapted.adalora_lam.assign(RNG.normal(size=3).astype("float32"))
+    assert adapted._runs_folded() == (keras.backend.backend() == "jax")
+    folded = to_numpy(adapted(x, training=True))
+    penalty = float(to_numpy(adapted.losses[0]))
+    monkeypatch.setattr(type(adapted), "folds_into_kernel", False)
+    assert not adapted._runs_folded()
+    unfolded = to_numpy(adapted(x, training=True))
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-5, atol=1e-5)
+    assert float(to_numpy(adapted.losses[0])) == pytest.approx(penalty)
+    monkeypatch.undo()
+    # A lower-precision policy or adapter dropout keep the adapter's own term.
+    mixed = AdaLoRADense(8, init_rank=2, dtype="mixed_bfloat16")
+    mixed.build((None, 6))
+    dropped = AdaLoRADense(8, init_rank=2, dropout=0.1)
+    dropped.build((None, 6))
+    assert not mixed._runs_folded() and not dropped._runs_folded()

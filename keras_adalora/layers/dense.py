@@ -20,8 +20,9 @@ class AdaLoRADense(AdaptedLayerMixin, keras.layers.Dense):
     `rank_mask` a non-trainable 0/1 vector that `RankBudgetCallback` writes
     to prune rank-1 components during training. `lam` starts at zero, so a
     freshly adapted layer computes exactly what the plain layer did. The
-    forward pass never forms `delta_W`: it adds
-    `((x @ A) * (scale * lam * rank_mask)) @ B` to `x @ W`.
+    forward pass adds `((x @ A) * (scale * lam * rank_mask)) @ B` to
+    `x @ W`; on JAX, for a float32 layer without adapter dropout, it
+    multiplies `x` by `W + delta_W` instead.
 
     Most users get these layers from `keras_adalora.apply_adalora(model)`;
     build one directly, or from an existing built `Dense` with
