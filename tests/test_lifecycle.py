@@ -233,7 +233,8 @@ def test_keras_hub_models_reload_adapted_trained_and_compacted(tmp_path):
     for family, want in expected.items():
         result = got["results"][family]
         assert result["warnings"] == [], family
-        assert result["gap"] == 0.0, family
+        # The same weights: the same outputs, to float32 round-off.
+        assert result["gap"] <= 1e-6, family
         assert result["pattern"] == want["pattern"], family
         assert ("position_embedding" in want["pattern"]) == (
             family in ("bert", "gpt2")

@@ -103,7 +103,9 @@ def test_export_loads_in_peft_and_computes_the_same(family, tmp_path):
     # BERT's and GPT-2's learned positions go to their nn.Embedding too.
     learned = family in ("bert", "gpt2")
     target = ["all"] + (["position_embeddings"] if learned else [])
-    apply_adalora(task, init_rank=3, target=target)
+    # Orthonormal factors at their larger scale: three epochs move the
+    # hidden states far above the 1e-4 the comparison with PEFT allows.
+    apply_adalora(task, init_rank=3, target=target, factor_init="orthogonal")
     train_with_callback(task, family)
     ranks = get_rank_pattern(task)
     assert 0 < sum(ranks.values()) < 3 * len(ranks)  # pruned, not all gone
