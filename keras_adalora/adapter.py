@@ -76,6 +76,16 @@ def read_settings_since_0_2(entry, where, source):
     }
 
 
+def layer_orth_reg_weight(orth_reg_weight, orth_penalty, n_layers):
+    """Each of `n_layers` adapters' share of a model's penalty weight: the
+    `"norm"` form weighs the mean of the layers' penalties (PEFT's), so
+    each gets `orth_reg_weight / n_layers`; the `"squared"` form weighs
+    every layer's penalty fully."""
+    if orth_penalty == "norm":
+        return orth_reg_weight / n_layers
+    return orth_reg_weight
+
+
 def with_settings_before_0_2(settings):
     """`settings` (a dict) with `SETTINGS_BEFORE_0_2` filled in where a
     configuration or file written by keras-adalora 0.1 lacks them."""
@@ -636,11 +646,7 @@ class AdaptedLayerMixin(AdaLoRAAdapter):
         """A Dense-like forward pass: `x @ W` plus the adapter's term (or
         `x @ (W + delta_W)`), the bias, the activation."""
         if self._runs_folded():
-            kernel = ops.add(
-                ops.cast(_keras.kernel_variable(self), ADAPTER_DTYPE),
-                self.delta_kernel(),
-            )
-            x = self._float_output(inputs, kernel)
+            x = self._float_output(inputs, self.merged_kernel())
             self._add_penalty(training)
             return self._add_bias_activation(x)
         return self._add_adapter_bias_activation(

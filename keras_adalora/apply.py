@@ -4,6 +4,7 @@ from keras_adalora import _keras
 from keras_adalora._backend import refresh_tracked_parameters
 from keras_adalora._backend import reset_compiled_state
 from keras_adalora.adapted_model import mark_adapted
+from keras_adalora.adapter import layer_orth_reg_weight
 from keras_adalora.adapter import validate_adapter_args
 from keras_adalora.targets import adapter_class_for
 from keras_adalora.targets import adapter_classes
@@ -149,8 +150,9 @@ def apply_adalora(
         cls.check_wrappable(layer, init_rank)
         classes.append(cls)
 
-    if orth_penalty == "norm":
-        orth_reg_weight /= len(to_adapt)
+    orth_reg_weight = layer_orth_reg_weight(
+        orth_reg_weight, orth_penalty, len(to_adapt)
+    )
     for layer, cls in zip(to_adapt, classes):
         layer_dropout = dropout if cls.supports_dropout else 0.0
         cls.adapt_in_place(

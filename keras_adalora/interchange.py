@@ -32,6 +32,7 @@ from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
 from keras_adalora.adapter import LAM_NAME
 from keras_adalora.adapter import MASK_NAME
+from keras_adalora.adapter import layer_orth_reg_weight
 from keras_adalora.adapter import LookupTableMixin
 from keras_adalora.apply import freeze_all_but
 from keras_adalora.hf_families import identify
@@ -404,9 +405,9 @@ def import_peft(model, directory):
         seen.add(id(layer))
 
     for cls, layer, kwargs in plans:
-        if kwargs["orth_penalty"] == "norm":
-            # PEFT's weight is on the mean of the modules' penalties.
-            kwargs["orth_reg_weight"] /= len(plans)
+        kwargs["orth_reg_weight"] = layer_orth_reg_weight(
+            kwargs["orth_reg_weight"], kwargs["orth_penalty"], len(plans)
+        )
         cls.adapt_in_place(layer, **kwargs)
     for layer, values in heads:
         layer.kernel.assign(values["weight"].T.astype("float32"))

@@ -128,13 +128,7 @@ def save_adapter(model, filepath, overwrite=True):
                 "index": index[id(layer)],
                 "base_class": layer.wrapped_class.__name__,
                 "kernel_shape": list(kernel_shape(layer)),
-                "init_rank": layer.init_rank,
-                "alpha": layer.alpha,
-                "dropout": layer.dropout,
-                "orth_reg_weight": layer.orth_reg_weight,
-                "factor_init": layer.factor_init,
-                "orth_penalty": layer.orth_penalty,
-                "adapter_rank": layer.adapter_rank,
+                **layer._adapter_config(),
                 "active_rank": layer.active_rank,
             }
         )
