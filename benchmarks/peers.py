@@ -125,14 +125,13 @@ def equal_rank(model_name):
     budget spread evenly (`budget * (d_in + d_out + 1)` per projection)."""
     import keras_adalora
 
-    reference = keras_adalora.apply_adalora(
-        base_model(model_name), init_rank=BUDGETS[model_name], target="all"
-    )
+    model = base_model(model_name)
+    per_rank = _lora_params(model, 1)
+    keras_adalora.apply_adalora(model, init_rank=BUDGETS[model_name], target="all")
     goal = sum(
         BUDGETS[model_name] * keras_adalora.allocator.component_cost(layer)
-        for layer in keras_adalora.targets.adapted_layers(reference)
+        for layer in keras_adalora.targets.adapted_layers(model)
     )
-    per_rank = _lora_params(base_model(model_name), 1)
     return max(1, round(goal / per_rank)), goal
 
 
@@ -362,14 +361,15 @@ def timing_worker(model_name, steps, rounds):
     }
 
 
-def memory_worker(model_name, name, steps):
-    """One configuration alone in this process: its peak memory."""
+def memory_worker(model_name, name, steps, lora_equal_rank):
+    """One configuration alone in this process (nothing else built): its
+    peak memory. `lora_equal_rank`: the rank the timing worker found."""
     import keras
 
     keras.utils.set_random_seed(0)
     backend = keras.backend.backend()
     x, y = data(model_name, steps)
-    runner = runner_for(name, model_name, x, y, steps, equal_rank(model_name)[0])
+    runner = runner_for(name, model_name, x, y, steps, lora_equal_rank)
     runner.run()
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"config": name, "peak_rss_mb": peak_rss_mb, "device_peak_mb": device_peak_mb(backend)}
@@ -467,7 +467,7 @@ def main():
         if kind == "timing":
             out = timing_worker(model_name, args.steps, args.rounds)
         else:
-            out = memory_worker(model_name, rest[0], args.memory_steps)
+            out = memory_worker(model_name, rest[0], args.memory_steps, int(rest[1]))
         print(json.dumps(out))
         return
     backends = args.backends.split(",")
@@ -495,7 +495,8 @@ def main():
             started = time.perf_counter()
             entry = run_worker(backend, ["--worker", "timing", model_name, *common])
             entry["memory"] = [
-                run_worker(backend, ["--worker", "memory", model_name, name, *common])
+                run_worker(backend, ["--worker", "memory", model_name, name,
+                                     str(entry["lora_equal_rank"]), *common])
                 for name in configurations(backend, model_name)
             ]
             entry["seconds"] = time.perf_counter() - started

@@ -150,27 +150,25 @@ def adapt(model, init_rank, adalora, target_rank=None, seed=0):
     and in `pruning_probe.py`.
     """
     import keras_adalora
-    from keras_adalora.adapter import AdaLoRAAdapter
+    from keras_adalora.targets import adapted_layers
 
     if adalora.get("defaults"):
         keras_adalora.apply_adalora(model, init_rank=init_rank, target="all")
-    else:
-        # The penalty explicitly: ours (squared norms, summed, 0.1 per layer)
-        # or PEFT's (`"peft"`: the norms averaged over the 2n factors, 0.5).
-        peft = adalora.get("penalty") == "peft"
-        keras_adalora.apply_adalora(
-            model,
-            init_rank=init_rank,
-            target="all",
-            orth_reg_weight=adalora.get("orth_reg_weight", 0.5 if peft else 0.1),
-            orth_penalty="norm" if peft else "squared",
-            factor_init="orthogonal",
-        )
-        set_scale(model, adalora.get("scale", "sqrt"), target_rank)
-    layers = [layer for layer in model._flatten_layers(include_self=False)
-              if isinstance(layer, AdaLoRAAdapter)]
-    if not adalora.get("defaults"):
-        set_factors(layers, adalora.get("factors", "orthogonal"), seed)
+        return adapted_layers(model)
+    # The penalty explicitly: ours (squared norms, summed, 0.1 per layer) or
+    # PEFT's (`"peft"`: the norms averaged over the 2n factors, 0.5).
+    peft = adalora.get("penalty") == "peft"
+    keras_adalora.apply_adalora(
+        model,
+        init_rank=init_rank,
+        target="all",
+        orth_reg_weight=adalora.get("orth_reg_weight", 0.5 if peft else 0.1),
+        orth_penalty="norm" if peft else "squared",
+        factor_init="orthogonal",
+    )
+    set_scale(model, adalora.get("scale", "sqrt"), target_rank)
+    layers = adapted_layers(model)
+    set_factors(layers, adalora.get("factors", "orthogonal"), seed)
     return layers
 
 
