@@ -122,7 +122,7 @@ def apply_adalora(
     ... ], name="mlp")
     >>> model = apply_adalora(model, init_rank=4, keep_trainable=["head"])
     >>> get_rank_pattern(model)
-    {'mlp/hidden': 4}
+    {'hidden': 4}
 
     On a KerasHub model, adapt the transformer blocks by role; the task
     head stays trainable:

@@ -10,7 +10,7 @@ from keras_adalora.adapted_model import unmark_adapted
 from keras_adalora.targets import mark_merged
 from keras_adalora.targets import adapted_layers
 from keras_adalora.targets import require_adapted_layers
-from keras_adalora.targets import layer_path
+from keras_adalora.targets import model_path
 
 
 def _warn_requantization(report):
@@ -37,17 +37,23 @@ def get_rank_pattern(model):
             layers).
 
     Returns:
-        A dict `{layer.path: active_rank}` in model order, where
-        `active_rank` is the number of alive rank-1 components.
+        A dict `{path: active_rank}` in model order, where `active_rank` is
+        the number of alive rank-1 components and `path` is the layer's
+        `path` without the model's name in front (which Keras gives the
+        layers of a `Sequential` model, and not after a reload), so that the
+        keys survive `model.save` and `keras.saving.load_model`.
 
     Example:
 
     >>> model = keras.Sequential(
     ...     [keras.Input((8,)), keras.layers.Dense(4, name="hidden")], name="mlp")
     >>> get_rank_pattern(apply_adalora(model, init_rank=2))
-    {'mlp/hidden': 2}
+    {'hidden': 2}
     """
-    return {layer_path(layer): layer.active_rank for layer in adapted_layers(model)}
+    return {
+        model_path(model, layer): layer.active_rank
+        for layer in adapted_layers(model)
+    }
 
 
 def compact_adalora(model):

@@ -9,6 +9,7 @@ from keras_adalora import schedule as schedule_lib
 from keras_adalora.optimizer import AdaLoRAOptimizer
 from keras_adalora.optimizer import BUDGET_UNITS
 from keras_adalora.targets import layer_path
+from keras_adalora.targets import model_path
 from keras_adalora.targets import require_adapted_layers
 
 
@@ -56,7 +57,7 @@ def rank_history(model):
     Example:
 
     >>> history = keras_adalora.rank_history(model)  # doctest: +SKIP
-    >>> history["steps"], history["ranks"]["mlp/hidden"]  # doctest: +SKIP
+    >>> history["steps"], history["ranks"]["hidden"]  # doctest: +SKIP
     ([0, 6, 10, 32], [4, 3, 2, 2])
     """
     layers = require_adapted_layers(model, "rank_history")
@@ -78,7 +79,9 @@ def rank_history(model):
     for layer, path in zip(layers, paths):
         lost = drops.get(path, [])
         start = layer.active_rank + len(lost)
-        ranks[path] = [start - sum(1 for s in lost if s <= step) for step in steps]
+        ranks[model_path(model, layer)] = [
+            start - sum(1 for s in lost if s <= step) for step in steps
+        ]
     budget = [
         schedule_lib.budget_at(
             max(step, 0),

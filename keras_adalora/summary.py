@@ -4,7 +4,7 @@ import math
 import re
 
 from keras_adalora.allocator import component_cost
-from keras_adalora.targets import layer_path
+from keras_adalora.targets import model_path
 from keras_adalora.targets import layer_roles
 from keras_adalora.targets import require_adapted_layers
 
@@ -116,7 +116,7 @@ def adapter_table(model, caller="summary"):
         active = layer.active_rank
         records.append(
             {
-                "path": layer_path(layer),
+                "path": model_path(model, layer),
                 "kind": layer.wrapped_class.__name__,
                 "shape": (int(d_in), int(d_out)),
                 "init_rank": layer.init_rank,
@@ -187,12 +187,12 @@ def summary(model, budget=None, print_fn=None):
     >>> _ = model.get_layer("out").rank_mask.assign([1.0, 1.0, 0.0, 0.0])
     >>> keras_adalora.summary(model, budget=6)
     AdaLoRA layers of model 'mlp'
-    Layer       Kind   Matrix  Init rank  Rank  Parameters
-    ----------  -----  ------  ---------  ----  ----------
-    mlp/hidden  Dense  8 x 16          4     4         100
-    mlp/out     Dense  16 x 4          4     2          42
-    ----------  -----  ------  ---------  ----  ----------
-    Total                              8     6         142
+    Layer   Kind   Matrix  Init rank  Rank  Parameters
+    ------  -----  ------  ---------  ----  ----------
+    hidden  Dense  8 x 16          4     4         100
+    out     Dense  16 x 4          4     2          42
+    ------  -----  ------  ---------  ----  ----------
+    Total                          8     6         142
     Budget: 6 components, reached.
     Parameters: 184 trainable (the adapters store 184), 220 frozen.
     """

@@ -49,6 +49,16 @@ def layer_path(layer):
     return layer.path or layer.name
 
 
+def model_path(model, layer):
+    """`layer`'s path within `model`, the same before `model.save` and after
+    `load_model`: Keras puts the model's own name in front of the paths of
+    a `Sequential` model's layers (`"mlp/hidden"`) and not after a reload
+    (`"hidden"`); this path leaves it out."""
+    path = layer_path(layer)
+    prefix = f"{model.name}/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
 def all_layers(model):
     """Every layer below `model` once, parents before children."""
     return list(_keras.sublayers(model, include_self=False))

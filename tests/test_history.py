@@ -13,9 +13,11 @@ from helpers import to_numpy
 from test_callback import regression_data
 from test_callback import two_branch_model
 
+import keras_adalora
 from keras_adalora import AdaLoRAOptimizer
 from keras_adalora import RankAllocator
 from keras_adalora import RankBudgetCallback
+from keras_adalora import apply_adalora
 from keras_adalora import compact_adalora
 from keras_adalora import export_rank_history
 from keras_adalora import get_rank_pattern
@@ -193,3 +195,37 @@ def test_an_optimizer_saved_before_the_history_existed_loads_its_scores_and_sche
     optimizer.load_own_variables(store)
     for i, name in enumerate(names[:-1]):
         np.testing.assert_array_equal(to_numpy(optimizer._variables[i]), saved[name])
+
+
+def test_a_sequential_model_keeps_its_layer_keys_through_a_reload(tmp_path):
+    # Keras names the layers of a Sequential model built from a list under
+    # the model ("mlp/hidden") and drops the prefix when it reloads one
+    # ("hidden"); the keys of the pattern, the history and the summary do
+    # not change.
+    model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="tanh", name="hidden"),
+            keras.layers.Dense(8, activation="tanh", name="mid"),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name="mlp",
+    )
+    apply_adalora(model, init_rank=4, target=["hidden", "mid"])
+    assert model.get_layer("hidden").path == "mlp/hidden"
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(*regression_data(), epochs=4, callbacks=[RankBudgetCallback(**SCHEDULE)], **FIT)
+    path = tmp_path / "mlp.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.get_layer("hidden").path == "hidden"
+    assert list(get_rank_pattern(model)) == ["hidden", "mid"]
+    assert get_rank_pattern(loaded) == get_rank_pattern(model)
+    assert rank_history(loaded) == rank_history(model)
+    assert list(rank_history(model)["ranks"]) == ["hidden", "mid"]
+    printed = {}
+    for name, m in (("trained", model), ("loaded", loaded)):
+        printed[name] = []
+        keras_adalora.summary(m, print_fn=printed[name].append)
+    assert printed["loaded"] == printed["trained"]
+    assert printed["trained"][3].startswith("hidden ")
