@@ -214,11 +214,10 @@ def is_finite(*tensors):
     >>> bool(ops.convert_to_numpy(is_finite(np.ones(3), np.array([np.nan]))))
     False
     """
-    finite = ops.convert_to_tensor(True)
-    for tensor in tensors:
-        all_finite = ops.all(ops.isfinite(ops.convert_to_tensor(tensor)))
-        finite = ops.logical_and(finite, all_finite)
-    return finite
+    if not tensors:
+        return ops.convert_to_tensor(True)
+    # One check over all entries: a few operations whatever the count.
+    return ops.all(ops.isfinite(_flat(tensors)))
 
 
 # The kinds -------------------------------------------------------------------
@@ -363,11 +362,12 @@ class Sensitivity(Importance):
 
     def update(self, state, layers, grads):
         thetas, gradients = [], []
-        for layer, (grad_a, grad_lam, grad_b) in zip(layers, grads):
-            if layer.penalty_weight:
-                penalty_a, penalty_b = penalty_gradients(
-                    layer.a, layer.b, layer.penalty_weight, layer.penalty_form
-                )
+        penalties = _penalty_gradients_of(layers)
+        for i, (layer, (grad_a, grad_lam, grad_b)) in enumerate(
+            zip(layers, grads)
+        ):
+            if i in penalties:
+                penalty_a, penalty_b = penalties[i]
                 grad_a = _float32(grad_a) - penalty_a
                 grad_b = _float32(grad_b) - penalty_b
             thetas.extend(layer.factors)
@@ -476,14 +476,23 @@ def penalty_gradients(a, b, weight, form="squared"):
     - `form="norm"`, `weight * (||G_A|| + ||G_B||) / 2`:
       `weight A G_A / ||G_A||` and `weight G_B B / ||G_B||` (0 where a
       factor is exactly orthonormal, as the penalty's own gradient).
+
+    `a` and `b` may carry leading batch axes (`(n, d_in, r)` and
+    `(n, r, d_out)`: `n` layers of one shape at once), `weight` then one
+    value per layer.
     """
     a, b = _float32(a), _float32(b)
-    rank = a.shape[-1]
-    eye = ops.eye(rank, dtype="float32")
-    gram_a = ops.matmul(ops.transpose(a), a) - eye
-    gram_b = ops.matmul(b, ops.transpose(b)) - eye
+    eye = ops.eye(a.shape[-1], dtype="float32")
+    swap = list(range(len(a.shape)))
+    swap[-2:] = swap[-1], swap[-2]
+    gram_a = ops.matmul(ops.transpose(a, swap), a) - eye
+    gram_b = ops.matmul(b, ops.transpose(b, swap)) - eye
     grad_a = ops.matmul(a, gram_a)
     grad_b = ops.matmul(gram_b, b)
+    if np.ndim(weight):
+        weight = ops.convert_to_tensor(
+            np.reshape(np.asarray(weight, "float32"), (-1, 1, 1))
+        )
     if form == "squared":
         return 4.0 * weight * grad_a, 4.0 * weight * grad_b
     return (
@@ -493,12 +502,40 @@ def penalty_gradients(a, b, weight, form="squared"):
 
 
 def _inverse_norm(x):
-    """`1 / ||x||_F`, and 0 where `x` is exactly 0."""
-    squared = ops.sum(ops.square(x))
+    """`1 / ||x||_F` over the last two axes, and 0 where `x` is exactly 0."""
+    squared = ops.sum(ops.square(x), axis=(-2, -1), keepdims=True)
     positive = ops.greater(squared, 0.0)
     return ops.where(
         positive, ops.rsqrt(ops.where(positive, squared, 1.0)), 0.0
     )
+
+
+def _penalty_gradients_of(layers):
+    """`{index: (penalty gradient on A, on B)}` for the layers of `layers`
+    that have a penalty; the layers of one shape and form in one batched
+    computation (a handful of operations per shape, not per layer)."""
+    groups = {}
+    for i, layer in enumerate(layers):
+        if layer.penalty_weight:
+            key = (tuple(layer.a.shape), tuple(layer.b.shape), layer.penalty_form)
+            groups.setdefault(key, []).append(i)
+    gradients = {}
+    for (_, _, form), members in groups.items():
+        if len(members) == 1:
+            layer = layers[members[0]]
+            gradients[members[0]] = penalty_gradients(
+                layer.a, layer.b, layer.penalty_weight, form
+            )
+            continue
+        penalty_a, penalty_b = penalty_gradients(
+            ops.stack([_float32(layers[i].a) for i in members]),
+            ops.stack([_float32(layers[i].b) for i in members]),
+            [layers[i].penalty_weight for i in members],
+            form,
+        )
+        for j, i in enumerate(members):
+            gradients[i] = (penalty_a[j], penalty_b[j])
+    return gradients
 
 
 def delta_frobenius_norm(a, lam, b):

@@ -255,32 +255,64 @@ def test_orthogonality_penalty_on_hand_computed_factors():
     np.testing.assert_allclose(float(orthogonality_penalty(a, c)), 9.0 + 64.0, rtol=1e-6)
 
 
-def test_the_unsquared_penalty_has_a_finite_gradient_at_orthonormal_factors():
+def penalty_and_gradients(a, b, squared):
+    """The penalty and its gradients w.r.t. `a` and `b` by the backend's own
+    differentiation."""
     import keras
 
-    a = keras.Variable(np.eye(3, 2, dtype="float32"))
-    b = keras.Variable(np.eye(2, 4, dtype="float32"))
+    a, b = np.asarray(a, "float32"), np.asarray(b, "float32")
     if keras.backend.backend() == "jax":
         import jax
 
-        grads = jax.grad(lambda a_, b_: orthogonality_penalty(a_, b_, squared=False),
-                         argnums=(0, 1))(a.value, b.value)
+        value, grads = jax.value_and_grad(
+            lambda a_, b_: orthogonality_penalty(a_, b_, squared=squared),
+            argnums=(0, 1))(a, b)
     elif keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
+        ta, tb = tf.constant(a), tf.constant(b)
         with tf.GradientTape() as tape:
-            loss = orthogonality_penalty(a.value, b.value, squared=False)
-        grads = tape.gradient(loss, [a.value, b.value])
+            tape.watch([ta, tb])
+            value = orthogonality_penalty(ta, tb, squared=squared)
+        grads = tape.gradient(value, [ta, tb])
     else:
         import torch
 
-        ta = torch.tensor(np.eye(3, 2, dtype="float32"), requires_grad=True)
-        tb = torch.tensor(np.eye(2, 4, dtype="float32"), requires_grad=True)
-        orthogonality_penalty(ta, tb, squared=False).backward()
+        ta = torch.tensor(a, requires_grad=True)
+        tb = torch.tensor(b, requires_grad=True)
+        value = orthogonality_penalty(ta, tb, squared=squared)
+        value.backward()
         grads = (ta.grad, tb.grad)
+    return float(to_numpy(value)), [to_numpy(g) for g in grads]
+
+
+def test_the_unsquared_penalty_has_a_finite_gradient_at_orthonormal_factors():
+    _, grads = penalty_and_gradients(np.eye(3, 2), np.eye(2, 4), squared=False)
     for grad in grads:
-        grad = to_numpy(grad)
         assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_the_penalty_gradient_equals_finite_differences(squared):
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(3, 4))
+
+    def penalty(a_, b_):  # float64, from the definition
+        ga = np.linalg.norm(a_.T @ a_ - np.eye(3))
+        gb = np.linalg.norm(b_ @ b_.T - np.eye(3))
+        return ga**2 + gb**2 if squared else ga + gb
+
+    value, (grad_a, grad_b) = penalty_and_gradients(a, b, squared)
+    np.testing.assert_allclose(value, penalty(a, b), rtol=1e-5)
+    for x, grad in ((a, grad_a), (b, grad_b)):
+        numeric = np.zeros_like(x)
+        for index in np.ndindex(*x.shape):
+            step = np.zeros_like(x)
+            step[index] = 1e-6
+            plus = penalty(a + step, b) if x is a else penalty(a, b + step)
+            minus = penalty(a - step, b) if x is a else penalty(a, b - step)
+            numeric[index] = (plus - minus) / 2e-6
+        np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("form", ["norm", "squared"])
