@@ -19,8 +19,12 @@ initial rank, the ratio taken per round and then its median and range:
 
 It also prints the mask update's own cost (the callback's host work at a
 mask step, and how far the step after it exceeds the median step) and the
-peak memory of each configuration, each in a process of its own (the
-process's peak RSS on CPU; the device's peak where a GPU runs it).
+memory of each configuration, each in a process of its own that trains it
+for `--memory-steps` steps: the process's peak RSS, how far it rose above
+the RSS before the model was built (on CPU: compiled programs,
+activations, weights and state together), the size of the trainable
+weights and of the optimizer state (for AdaLoRA its importance scores
+included), and the device's peak where a GPU runs it.
 
 Models: `tiny` (two KerasHub `TransformerEncoder` blocks, width 128,
 sequence 64, its 12 projections adapted, budget average rank 4) and
@@ -239,6 +243,14 @@ class KerasRunner:
 
         callback.on_train_batch_end = on_train_batch_end
 
+    def trainable_bytes(self):
+        return sum(_bytes(v) for v in self.model.trainable_weights)
+
+    def optimizer_state_bytes(self):
+        """Every optimizer variable: the moments and, for AdaLoRA, the
+        importance scores (built by the first `run`)."""
+        return sum(_bytes(v) for v in self.model.optimizer.variables)
+
     def run(self):
         self.times, self.mask_steps = [], []
         self.model.fit(
@@ -291,6 +303,35 @@ class PeftRunner:
         self.optimizer = torch.optim.Adam(trainable, lr=1e-3)
         self.x, self.y = x, y
         self.step = 0
+        # Set by the memory worker (outside the timed steps).
+        self.measure_state, self.peak_state_bytes = False, 0
+
+    def trainable_bytes(self):
+        return sum(
+            p.numel() * p.element_size()
+            for p in self.model.parameters()
+            if p.requires_grad
+        )
+
+    def optimizer_state_bytes(self):
+        """The most the optimizer's moments and, for AdaLoRA, its rank
+        allocator's importance scores (`ipt`, `exp_avg_ipt`, `exp_avg_unc`,
+        emptied when the ranks freeze) held after a step."""
+        return self.peak_state_bytes
+
+    def _state_bytes(self):
+        import torch
+
+        tensors = [
+            t
+            for state in self.optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        ]
+        allocator = getattr(self.model.base_model, "rankallocator", None)
+        for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            tensors.extend(getattr(allocator, name, {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def run(self):
         import torch
@@ -312,7 +353,20 @@ class PeftRunner:
                 self.model.base_model.update_and_allocate(self.step)
             self.optimizer.zero_grad()
             times.append(time.perf_counter() - began)
+            if self.measure_state:
+                self.peak_state_bytes = max(self.peak_state_bytes, self._state_bytes())
         return times
+
+
+def _bytes(variable):
+    import math
+
+    import keras
+    import numpy as np
+
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    return math.prod(variable.shape) * itemsize
 
 
 def runner_for(name, model_name, x, y, total_steps, lora_equal_rank):
@@ -369,10 +423,19 @@ def memory_worker(model_name, name, steps, lora_equal_rank):
     keras.utils.set_random_seed(0)
     backend = keras.backend.backend()
     x, y = data(model_name, steps)
+    start_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     runner = runner_for(name, model_name, x, y, steps, lora_equal_rank)
+    runner.measure_state = True
     runner.run()
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"config": name, "peak_rss_mb": peak_rss_mb, "device_peak_mb": device_peak_mb(backend)}
+    return {
+        "config": name,
+        "start_rss_mb": start_rss_mb,
+        "peak_rss_mb": peak_rss_mb,
+        "device_peak_mb": device_peak_mb(backend),
+        "trainable_mb": runner.trainable_bytes() / 2**20,
+        "optimizer_state_mb": runner.optimizer_state_bytes() / 2**20,
+    }
 
 
 def device_peak_mb(backend):
@@ -409,24 +472,44 @@ def summarize(entry):
     lines = [f"{entry['backend']} / {entry['model']}: {entry['rounds']} rounds of "
              f"{entry['steps']} steps (the first, compiling, left out)"]
     lines.append(f"  {'configuration':<14}{'median step ms':>16}{'min-max':>16}"
-                 f"{'/ lora-same':>13}{'min-max':>15}{'peak RSS MB':>13}{'/ lora-same':>13}")
-    memory = {m["config"]: m for m in entry.get("memory", [])}
+                 f"{'/ lora-same':>13}{'min-max':>15}")
     base = later["lora-same"]
     for name, values in later.items():
         ratios = [v / b for v, b in zip(values, base)]
-        rss = memory.get(name, {}).get("peak_rss_mb")
-        rss_base = memory.get("lora-same", {}).get("peak_rss_mb")
         lines.append(
             f"  {name:<14}{1000 * np.median(values):>16.1f}"
             f"{f'{1000 * min(values):.1f}-{1000 * max(values):.1f}':>16}"
             f"{np.median(ratios):>13.3f}{f'{min(ratios):.3f}-{max(ratios):.3f}':>15}"
-            f"{(f'{rss:,.0f}' if rss else '-'):>13}"
-            f"{(f'{rss / rss_base:.3f}' if rss and rss_base else '-'):>13}"
         )
+    memory = {m["config"]: m for m in entry.get("memory", [])}
+    if memory:
+        lines.append(f"  {'memory':<14}{'peak RSS MB':>16}{'over start MB':>16}"
+                     f"{'/ lora-same':>13}{'trainable MB':>15}{'optimizer MB':>15}"
+                     f"{'device peak MB':>16}")
+        base = memory.get("lora-same")
+        for name, m in memory.items():
+            grown = m["peak_rss_mb"] - m.get("start_rss_mb", 0)
+            base_grown = base and base["peak_rss_mb"] - base.get("start_rss_mb", 0)
+            device = m.get("device_peak_mb")
+            lines.append(
+                f"  {name:<14}{m['peak_rss_mb']:>16,.0f}{grown:>16,.0f}"
+                f"{(f'{grown / base_grown:.3f}' if base_grown else '-'):>13}"
+                f"{m.get('trainable_mb', float('nan')):>15.2f}"
+                f"{m.get('optimizer_state_mb', float('nan')):>15.2f}"
+                f"{(f'{device:,.0f}' if device else '-'):>16}"
+            )
     if "peft-adalora" in later:
         ratios = [a / p for a, p in zip(later["adalora"], later["peft-adalora"])]
-        lines.append(f"  adalora / peft-adalora: median {np.median(ratios):.3f} "
+        lines.append(f"  adalora / peft-adalora: step median {np.median(ratios):.3f} "
                      f"(min-max {min(ratios):.3f}-{max(ratios):.3f})")
+        ours, theirs = memory.get("adalora"), memory.get("peft-adalora")
+        if ours and theirs:
+            lines.append(
+                f"  adalora / peft-adalora: peak RSS "
+                f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f}"
+                + (f", device peak {ours['device_peak_mb'] / theirs['device_peak_mb']:.3f}"
+                   if ours.get("device_peak_mb") and theirs.get("device_peak_mb") else "")
+            )
     host, excess = entry["mask_host_ms"], entry["after_mask_excess_ms"]
     if host:
         lines.append(

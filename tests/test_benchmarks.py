@@ -712,13 +712,23 @@ def test_peers_times_every_configuration_alternating_and_resumes(tmp_path):
     for medians in entry["round_medians_s"].values():
         assert len(medians) == 3 and all(0 < m < 60 for m in medians)
     assert [m["config"] for m in entry["memory"]] == list(configs)
-    assert all(m["peak_rss_mb"] > 100 and m["device_peak_mb"] is None for m in entry["memory"])
+    for m in entry["memory"]:
+        assert m["peak_rss_mb"] > m["start_rss_mb"] > 100 and m["device_peak_mb"] is None
+        assert 0 < m["trainable_mb"] < m["optimizer_state_mb"]
+    memory = {m["config"]: m for m in entry["memory"]}
+    # Adam's two moments of every trainable weight; AdaLoRA's optimizer also
+    # keeps two importance buffers per adapter entry, and PEFT's allocator
+    # its three.
+    assert memory["lora-same"]["optimizer_state_mb"] >= 2 * memory["lora-same"]["trainable_mb"]
+    assert memory["adalora"]["optimizer_state_mb"] > 3 * memory["adalora"]["trainable_mb"]
+    assert memory["peft-adalora"]["optimizer_state_mb"] > 3 * memory["peft-adalora"]["trainable_mb"]
     # 36 steps, pruning from step 2 to 32 every 10 steps.
     assert len(entry["mask_host_ms"]) >= 3
     # An even spread of AdaLoRA's budget: 8 components of each of the 36
     # projections (24 of 384 x 384, 12 of 384 x 1536).
     assert entry["adalora_budget_params"] == 8 * (24 * 769 + 12 * 1921)
-    assert "adalora / peft-adalora: median" in result.stdout
+    assert "adalora / peft-adalora: step median" in result.stdout
+    assert "adalora / peft-adalora: peak RSS" in result.stdout
     # The same command again keeps the entry instead of timing it again.
     again = subprocess.run(command, cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "torch/minilm: kept from" in again.stdout
