@@ -199,9 +199,9 @@ def test_an_optimizer_saved_before_the_history_existed_loads_its_scores_and_sche
 
 def test_a_sequential_model_keeps_its_layer_keys_through_a_reload(tmp_path):
     # Keras names the layers of a Sequential model built from a list under
-    # the model ("mlp/hidden") and drops the prefix when it reloads one
-    # ("hidden"); the keys of the pattern, the history and the summary do
-    # not change.
+    # the model ("mlp/hidden"), and Keras 3.15 drops the prefix when it
+    # reloads one ("hidden"); the keys of the pattern, the history and the
+    # summary do not change.
     model = keras.Sequential(
         [
             keras.Input((12,)),
@@ -218,7 +218,8 @@ def test_a_sequential_model_keeps_its_layer_keys_through_a_reload(tmp_path):
     path = tmp_path / "mlp.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.get_layer("hidden").path == "hidden"
+    # Keras 3.15 drops the prefix on reload; its nightlies keep it.
+    assert loaded.get_layer("hidden").path in ("hidden", "mlp/hidden")
     assert list(get_rank_pattern(model)) == ["hidden", "mid"]
     assert get_rank_pattern(loaded) == get_rank_pattern(model)
     assert rank_history(loaded) == rank_history(model)
