@@ -64,7 +64,8 @@ def train(model, optimizer, allocator, batches, loss_fn, steps):
             import tensorflow as tf
 
             with tf.GradientTape() as tape:
-                # model.losses holds the adapters' orthogonality penalty.
+                # model.losses holds any other losses: the optimizer applies
+                # the adapters' orthogonality penalty (it watches the model).
                 loss = loss_fn(y, model(x, training=True)) + sum(model.losses)
             optimizer.apply(tape.gradient(loss, variables), variables)
         else:
@@ -148,7 +149,7 @@ def main(argv=None):
     keras_adalora.apply_adalora(model, init_rank=8, keep_trainable=["head"])
 
     optimizer = keras_adalora.AdaLoRAOptimizer(keras.optimizers.Adam(1e-2))
-    optimizer.watch(model)  # so scores leave out the orthogonality penalty
+    optimizer.watch(model)  # it applies the orthogonality penalty
     optimizer.build(model.trainable_variables)
     allocator = keras_adalora.RankAllocator(
         model,

@@ -112,17 +112,13 @@ def _install(model, old, new):
 def _copy_settings(old, fresh):
     """Settings an optimizer keeps outside its config, level by level of a
     wrapped chain: the weight-decay exclusion pattern and the AdaLoRA
-    wrapper's per-layer constants and scoring switch."""
+    wrapper's scoring switch and watched layers (whose penalty the new
+    wrapper takes over)."""
     for source, target in zip(_chain(old), _chain(fresh)):
         _keras.copy_weight_decay_pattern(source, target)
-        for attribute in (
-            "penalty_weights",
-            "penalty_forms",
-            "layer_scales",
-            "scoring",
-        ):
-            if hasattr(source, attribute):
-                setattr(target, attribute, getattr(source, attribute))
+        if hasattr(source, "watched"):
+            target.scoring = source.scoring
+            target.take_over(source)
 
 
 def _copy_state(old, fresh):

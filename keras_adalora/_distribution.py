@@ -137,6 +137,19 @@ def global_gradients(grads):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
 
 
+def replica_share():
+    """The share of a loss term each replica adds to its gradients:
+    `1 / num_replicas` inside a `tf.distribute` replica context (the
+    optimizer sums the replicas' gradients, as Keras divides the loss),
+    1 everywhere else."""
+    if keras.backend.backend() != "tensorflow":
+        return 1.0
+    context = _tf().distribute.get_replica_context()
+    if context is None:
+        return 1.0
+    return 1.0 / context.num_replicas_in_sync
+
+
 # Layouts (JAX keras.distribution) ---------------------------------------------
 
 

@@ -401,6 +401,10 @@ class AdaLoRAAdapter:
 
     # Set by `disable_adapter` while the layer runs as its base layer.
     adapter_disabled = False
+    # A weak reference to the `AdaLoRAOptimizer` that applies this layer's
+    # orthogonality penalty (`AdaLoRAOptimizer.watch`), or None: the layer
+    # then adds the penalty to its own losses.
+    penalty_owner = None
 
     def _component_scale(self):
         """`(alpha / init_rank) * lam * rank_mask`: one factor per component
@@ -418,7 +422,8 @@ class AdaLoRAAdapter:
     def adapter_output(self, inputs, training=None):
         """The adapter's term of the layer output, in the compute dtype.
 
-        Adds the orthogonality penalty to the layer's losses when training.
+        Adds the orthogonality penalty to the layer's losses when training,
+        unless an `AdaLoRAOptimizer` applies it (`penalty_owner`).
         """
         x = inputs
         if backend.is_float_dtype(backend.standardize_dtype(x.dtype)):
@@ -433,8 +438,13 @@ class AdaLoRAAdapter:
 
     def _add_penalty(self, training):
         """Adds the weighted orthogonality penalty to the layer's losses
-        when training."""
-        if training and self.orth_reg_weight > 0 and not self.adapter_disabled:
+        when training, unless an optimizer applies it."""
+        if (
+            training
+            and self.orth_reg_weight > 0
+            and not self.adapter_disabled
+            and (self.penalty_owner is None or self.penalty_owner() is None)
+        ):
             self.add_loss(self.orth_reg_weight * self.orthogonality_penalty())
 
     def delta_matrix(self):

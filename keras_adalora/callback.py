@@ -281,6 +281,7 @@ class RankBudgetCallback(keras.callbacks.Callback):
         self.model.train_function = None
 
     def _uninstall_optimizer(self):
+        self._optimizer.release_penalty()
         if self._installed is None:
             return
         holder, attribute, optimizer, wrapper = self._installed
@@ -449,6 +450,9 @@ class RankBudgetCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.check_final_ranks()
+        # Outside this callback's `fit` the layers carry their penalty in
+        # their losses again (another optimizer may train them next).
+        self._optimizer.release_penalty()
 
     def check_final_ranks(self):
         """Makes the adapters hold the ranks this callback last reported.

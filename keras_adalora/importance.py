@@ -7,7 +7,9 @@ Each kind of score is one object in the shape of an optax transformation
   them variables, so they are saved, restored and carried through JAX's
   pure train step);
 - `update(state, layers, grads)`: the new state from this step's
-  gradients, in `keras.ops` with no Python control flow on tensor values
+  gradients of the task loss (the optimizer takes the orthogonality
+  penalty's part out, so that a layer scores for what it does for the
+  task), in `keras.ops` with no Python control flow on tensor values
   and no host round trip, so it runs inside the compiled train step on
   every backend;
 - `scores(state, layers, alive)`: per layer, the component scores the
@@ -332,11 +334,6 @@ class Sensitivity(Importance):
     uncertainty, per entry; a component scores its `lam` entry plus the
     means of its `A` column and `B` row (SPEC.md section 3).
 
-    The gradient of the orthogonality penalty on `A` and `B` has a closed
-    form and is taken out: the score measures the task loss alone (else a
-    layer that does nothing for the task scores from the penalty pulling
-    its factors).
-
     The state is one flat pair of buffers `I_bar`, `U_bar` over every
     adapter entry: the update is then a dozen fused operations per step
     instead of a dozen per variable (op dispatch dominates on eager torch
@@ -362,16 +359,9 @@ class Sensitivity(Importance):
 
     def update(self, state, layers, grads):
         thetas, gradients = [], []
-        penalties = _penalty_gradients_of(layers)
-        for i, (layer, (grad_a, grad_lam, grad_b)) in enumerate(
-            zip(layers, grads)
-        ):
-            if i in penalties:
-                penalty_a, penalty_b = penalties[i]
-                grad_a = _float32(grad_a) - penalty_a
-                grad_b = _float32(grad_b) - penalty_b
+        for layer, layer_grads in zip(layers, grads):
             thetas.extend(layer.factors)
-            gradients.extend((grad_a, grad_lam, grad_b))
+            gradients.extend(layer_grads)
         if len(state) == 2:  # one flat pair
             pairs = [(_flat(thetas), _flat(gradients), state[0], state[1])]
         else:  # a pair per variable
@@ -465,77 +455,6 @@ def get(importance, beta1=0.85, beta2=0.85):
         "`keras_adalora.importance.Importance` instance. Received: "
         f"importance={importance!r}"
     )
-
-
-def penalty_gradients(a, b, weight, form="squared"):
-    """Gradients w.r.t. `A` and `B` of a layer's weighted orthogonality
-    penalty, `G_A = A^T A - I` and `G_B = B B^T - I`:
-
-    - `form="squared"`, `weight * (||G_A||^2 + ||G_B||^2)`:
-      `4 weight A G_A` and `4 weight G_B B`;
-    - `form="norm"`, `weight * (||G_A|| + ||G_B||) / 2`:
-      `weight A G_A / ||G_A||` and `weight G_B B / ||G_B||` (0 where a
-      factor is exactly orthonormal, as the penalty's own gradient).
-
-    `a` and `b` may carry leading batch axes (`(n, d_in, r)` and
-    `(n, r, d_out)`: `n` layers of one shape at once), `weight` then one
-    value per layer.
-    """
-    a, b = _float32(a), _float32(b)
-    eye = ops.eye(a.shape[-1], dtype="float32")
-    swap = list(range(len(a.shape)))
-    swap[-2:] = swap[-1], swap[-2]
-    gram_a = ops.matmul(ops.transpose(a, swap), a) - eye
-    gram_b = ops.matmul(b, ops.transpose(b, swap)) - eye
-    grad_a = ops.matmul(a, gram_a)
-    grad_b = ops.matmul(gram_b, b)
-    if np.ndim(weight):
-        weight = ops.convert_to_tensor(
-            np.reshape(np.asarray(weight, "float32"), (-1, 1, 1))
-        )
-    if form == "squared":
-        return 4.0 * weight * grad_a, 4.0 * weight * grad_b
-    return (
-        weight * grad_a * _inverse_norm(gram_a),
-        weight * grad_b * _inverse_norm(gram_b),
-    )
-
-
-def _inverse_norm(x):
-    """`1 / ||x||_F` over the last two axes, and 0 where `x` is exactly 0."""
-    squared = ops.sum(ops.square(x), axis=(-2, -1), keepdims=True)
-    positive = ops.greater(squared, 0.0)
-    return ops.where(
-        positive, ops.rsqrt(ops.where(positive, squared, 1.0)), 0.0
-    )
-
-
-def _penalty_gradients_of(layers):
-    """`{index: (penalty gradient on A, on B)}` for the layers of `layers`
-    that have a penalty; the layers of one shape and form in one batched
-    computation (a handful of operations per shape, not per layer)."""
-    groups = {}
-    for i, layer in enumerate(layers):
-        if layer.penalty_weight:
-            key = (tuple(layer.a.shape), tuple(layer.b.shape), layer.penalty_form)
-            groups.setdefault(key, []).append(i)
-    gradients = {}
-    for (_, _, form), members in groups.items():
-        if len(members) == 1:
-            layer = layers[members[0]]
-            gradients[members[0]] = penalty_gradients(
-                layer.a, layer.b, layer.penalty_weight, form
-            )
-            continue
-        penalty_a, penalty_b = penalty_gradients(
-            ops.stack([_float32(layers[i].a) for i in members]),
-            ops.stack([_float32(layers[i].b) for i in members]),
-            [layers[i].penalty_weight for i in members],
-            form,
-        )
-        for j, i in enumerate(members):
-            gradients[i] = (penalty_a[j], penalty_b[j])
-    return gradients
 
 
 def delta_frobenius_norm(a, lam, b):

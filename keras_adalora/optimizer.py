@@ -15,6 +15,7 @@ rank schedule `RankBudgetCallback` resolves when AdaLoRA training starts
 """
 
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -24,6 +25,7 @@ from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution
 from keras_adalora import _keras
 from keras_adalora import importance as importance_lib
+from keras_adalora import regularizers
 from keras_adalora._validation import check_int
 from keras_adalora.adapter import A_NAME
 from keras_adalora.adapter import B_NAME
@@ -137,9 +139,8 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         # name for the built-in kinds, the object itself otherwise.
         self.kind = kind
         self.importance = importance if isinstance(importance, str) else kind
-        self.penalty_weights = {}
-        self.penalty_forms = {}
-        self.layer_scales = {}
+        # `{layer path: _Watched}`, from `watch`.
+        self.watched = {}
         self._scoring_before_build = True
 
     @_keras.no_automatic_dependency_tracking
@@ -263,12 +264,20 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 lam,
                 b,
                 mask=None if masks is None else masks[i],
-                scale=self.layer_scales.get(key, 1.0),
-                penalty_weight=self.penalty_weights.get(key, 0.0),
-                penalty_form=self.penalty_forms.get(key, "squared"),
+                scale=self.watched[key].scale if key in self.watched else 1.0,
+                penalty_weight=self._penalty_weight(key),
+                penalty_form=self._penalty_form(key),
             )
             for i, (key, a, lam, b) in enumerate(factors)
         ]
+
+    def _penalty_weight(self, key):
+        return self.watched[key].penalty_weight if key in self.watched else 0.0
+
+    def _penalty_form(self, key):
+        return (
+            self.watched[key].penalty_form if key in self.watched else "squared"
+        )
 
     @property
     def scoring(self):
@@ -303,8 +312,9 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             if trainable_variables is None
             else trainable_variables
         )
+        grads, variables = list(grads), list(variables)
         if self._adapter_layers:
-            self._update_scores(list(grads), list(variables))
+            grads = self._update_scores(grads, variables)
         self.inner_optimizer.apply(grads, trainable_variables)
 
     def _effective_gradients(self, grads, variables):
@@ -324,27 +334,96 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             effective.append((grad + accumulated) / steps)
         return effective, is_update
 
+    @_keras.no_automatic_dependency_tracking
     def watch(self, model):
-        """Reads what the scores need to know of each adapted layer.
+        """Takes over the orthogonality penalty of `model`'s adapted layers
+        and reads what the scores need to know of them.
 
-        The orthogonality penalty's gradient on `A` and `B` has a closed
-        form; knowing its weight, the sensitivity leaves it out and measures
-        the task loss alone (otherwise a layer that does nothing for the task
-        still scores from the penalty pulling its factors). The Frobenius
-        score needs each layer's scale `alpha / init_rank`. Call it before
-        the first training step; `RankBudgetCallback` and `RankAllocator` do.
+        From then on the layers leave the penalty out of their losses and
+        this optimizer adds its gradient (a closed form, computed for all
+        layers of one shape at once) to the gradients of `A` and `B` in
+        `apply`, after scoring them: the scores measure the task loss
+        alone. The loss `fit` reports is then the task loss. The Frobenius
+        score also reads each layer's scale `alpha / init_rank`.
+
+        Call it before the first training step; `RankBudgetCallback` (for
+        the length of each `fit`) and `RankAllocator` do. `release_penalty`
+        hands the penalty back to the layers.
+
+        Args:
+            model: the adapted model this optimizer trains.
         """
         from keras_adalora.targets import adapted_layers
         from keras_adalora.targets import layer_path
 
-        layers = adapted_layers(model)
-        self.penalty_weights = {
-            layer_path(layer): layer.orth_reg_weight for layer in layers
+        self.release_penalty()
+        self.watched = {
+            layer_path(layer): _Watched(
+                layer.scale,
+                layer.orth_reg_weight,
+                layer.orth_penalty,
+                weakref.ref(layer),
+            )
+            for layer in adapted_layers(model)
         }
-        self.penalty_forms = {
-            layer_path(layer): layer.orth_penalty for layer in layers
+        self._claim_penalty()
+
+    @_keras.no_automatic_dependency_tracking
+    def take_over(self, other):
+        """Watches what `other` (an `AdaLoRAOptimizer` this one replaces)
+        watched, and applies the penalties it applied."""
+        owned = {
+            key
+            for key, info in other.watched.items()
+            if info.layer() is not None and _owner(info.layer()) is other
         }
-        self.layer_scales = {layer_path(layer): layer.scale for layer in layers}
+        other.release_penalty()
+        self.release_penalty()
+        self.watched = dict(other.watched)
+        for key in owned:
+            self.watched[key].layer().penalty_owner = weakref.ref(self)
+
+    def _claim_penalty(self):
+        for info in self.watched.values():
+            layer = info.layer()
+            if layer is not None and info.penalty_weight:
+                layer.penalty_owner = weakref.ref(self)
+
+    def release_penalty(self):
+        """Hands the orthogonality penalty back to the watched layers: they
+        add it to their losses again, and `apply` no longer does."""
+        for info in self.watched.values():
+            layer = info.layer()
+            if layer is not None and _owner(layer) is self:
+                layer.penalty_owner = None
+
+    def _owned_penalties(self):
+        """Indices (in `_variable_parts` order) of the layers whose penalty
+        this optimizer applies now: watched, penalised, switched on."""
+        owned = []
+        for i, (key, *_) in enumerate(self._variable_parts):
+            info = self.watched.get(key)
+            layer = None if info is None else info.layer()
+            if (
+                layer is not None
+                and info.penalty_weight
+                and _owner(layer) is self
+                and not layer.adapter_disabled
+            ):
+                owned.append(i)
+        return owned
+
+    def _penalty_gradients(self, indices, parts):
+        """`{index: (grad_a, grad_b)}`: the weighted penalty's gradients of
+        the layers at `indices` of `parts` (`(path, a, lam, b)` tensors),
+        but for those compacted to rank 0 (no penalty, nothing to add)."""
+        indices = [i for i in indices if int(parts[i][2].shape[0])]
+        gradients = regularizers.grouped_penalty_gradients(
+            [(parts[i][1], parts[i][3]) for i in indices],
+            [self._penalty_weight(parts[i][0]) for i in indices],
+            [self._penalty_form(parts[i][0]) for i in indices],
+        )
+        return dict(zip(indices, gradients))
 
     def record_masks(self, masks_by_path):
         """Copies the layers' rank masks into the optimizer's state.
@@ -405,29 +484,55 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         }
 
     def _update_scores(self, grads, variables):
-        by_path = {
-            v.path: g
-            for g, v in zip(grads, variables)
+        """Scores this step's gradients and returns `grads` with the
+        orthogonality penalty's gradient added where this optimizer owns
+        it (see `watch`)."""
+        position = {
+            v.path: i
+            for i, v in enumerate(variables)
             if v.name in _ADAPTER_NAMES
         }
         ordered = self._ordered
-        if not all(v.path in by_path for v in ordered):
+        if not all(v.path in position for v in ordered):
             # Some adapter is not among the variables this call applies (a
             # custom loop updating part of the model): nothing consistent
-            # to score.
-            return
+            # to score, and the layers keep their penalty in their losses.
+            return grads
+        parts = [
+            (key, a.value, lam.value, b.value)
+            for key, a, lam, b in self._variable_parts
+        ]
         # An adapter that no loss depends on gets no gradient on TensorFlow
-        # and torch and a zero one on JAX: score it as zero everywhere.
-        grads = [
+        # and torch and a zero one on JAX: zero everywhere.
+        ordered_grads = [
             (
                 ops.zeros(v.shape, "float32")
-                if by_path[v.path] is None
-                else by_path[v.path]
+                if grads[position[v.path]] is None
+                else grads[position[v.path]]
             )
             for v in ordered
         ]
+        applied = list(ordered_grads)
+        penalties = self._penalty_gradients(self._owned_penalties(), parts)
+        if penalties:
+            # Each replica adds its share: the optimizer sums the replicas'
+            # gradients (in which the task loss is already divided).
+            share = _distribution.replica_share()
+            grads = list(grads)
+            for i, pair in penalties.items():
+                for k, penalty in zip((3 * i, 3 * i + 2), pair):
+                    applied[k] = ops.add(
+                        applied[k], ops.cast(penalty * share, applied[k].dtype)
+                    )
+                    grads[position[ordered[k].path]] = applied[k]
+        # With gradient accumulation the scores read the inner optimizer's
+        # accumulated gradients, which hold the penalty's: take it out of
+        # their mean below. Otherwise they score this step's task gradients.
+        accumulating = bool(self.inner_optimizer.gradient_accumulation_steps)
         state = [variable.value for variable in self._score_state]
-        effective, is_update = self._effective_gradients(grads, ordered)
+        effective, is_update = self._effective_gradients(
+            applied if accumulating else ordered_grads, ordered
+        )
         # Replicas must score the same gradients to write the same masks.
         # (Outside the branch below: tf.distribute cannot all-reduce inside
         # a `cond`. Elsewhere this is the identity.)
@@ -441,16 +546,23 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                     ops.slice(copy, (offset,), (size,))
                     for offset, size in self._mask_offsets.values()
                 ]
-            views = self._views(
-                [
-                    (key, a.value, lam.value, b.value)
-                    for key, a, lam, b in self._variable_parts
-                ],
-                masks,
-            )
-            per_layer = [
-                effective[3 * i : 3 * i + 3] for i in range(len(views))
+            views = self._views(parts, masks)
+            # The scores measure the task loss: take out the penalty's
+            # gradient where the layer's loss carried it (or it was
+            # accumulated with the task's).
+            task = list(effective)
+            in_losses = [
+                i
+                for i, view in enumerate(views)
+                if view.penalty_weight and i not in penalties
             ]
+            taken_out = self._penalty_gradients(in_losses, parts)
+            if accumulating:
+                taken_out.update(penalties)
+            for i, (penalty_a, penalty_b) in taken_out.items():
+                task[3 * i] = _float32(task[3 * i]) - penalty_a
+                task[3 * i + 2] = _float32(task[3 * i + 2]) - penalty_b
+            per_layer = [task[3 * i : 3 * i + 3] for i in range(len(views))]
             new = self.kind.update(state, views, per_layer)
             # Non-finite gradients (an overflowed step) leave the scores as
             # they were; so does a micro-batch of gradient accumulation.
@@ -464,6 +576,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         )
         for variable, value in zip(self._score_state, new):
             variable.assign(value)
+        return grads
 
     # Scores, read by the callback at mask steps -----------------------------
 
@@ -598,3 +711,23 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 config["importance"], custom_objects=custom_objects
             )
         return cls(inner, **config)
+
+
+class _Watched:
+    """What `AdaLoRAOptimizer.watch` keeps of one adapted layer."""
+
+    def __init__(self, scale, penalty_weight, penalty_form, layer):
+        self.scale = scale
+        self.penalty_weight = penalty_weight
+        self.penalty_form = penalty_form
+        self.layer = layer  # a weak reference
+
+
+def _owner(layer):
+    """The optimizer that applies `layer`'s penalty, or None."""
+    owner = getattr(layer, "penalty_owner", None)
+    return None if owner is None else owner()
+
+
+def _float32(x):
+    return ops.cast(x, "float32")

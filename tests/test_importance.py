@@ -259,22 +259,3 @@ def test_a_kind_of_ones_own_trains_to_the_budget_and_saves(tmp_path):
     np.testing.assert_allclose(
         ops.convert_to_numpy(again.optimizer._score_state[0]), ops.convert_to_numpy(state)
     )
-
-
-@pytest.mark.parametrize("form", ["squared", "norm"])
-def test_penalty_gradients_of_many_layers_at_once_equal_one_at_a_time(form):
-    from keras_adalora.importance import penalty_gradients
-
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(3, 6, 4)).astype("float32")
-    b = rng.normal(size=(3, 4, 5)).astype("float32")
-    a[1] = np.eye(6, 4)  # orthonormal: a zero gradient in the norm form
-    weights = [0.1, 0.2, 0.5]
-    batched = penalty_gradients(a, b, weights, form)
-    for i, weight in enumerate(weights):
-        single = penalty_gradients(a[i], b[i], weight, form)
-        for many, one in zip(batched, single):
-            np.testing.assert_allclose(numpy_of(many)[i], numpy_of(one), rtol=1e-5, atol=1e-7)
-    ga = a[0].T @ a[0] - np.eye(4)
-    expected = a[0] @ ga * (4 * 0.1 if form == "squared" else 0.1 / np.linalg.norm(ga))
-    np.testing.assert_allclose(numpy_of(batched[0])[0], expected, rtol=1e-4)
