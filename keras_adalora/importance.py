@@ -12,6 +12,9 @@ Each kind of score is one object in the shape of an optax transformation
   task), in `keras.ops` with no Python control flow on tensor values
   and no host round trip, so it runs inside the compiled train step on
   every backend;
+- `accepts(grads, new_state)`: whether to keep this step's new state (by
+  default when every gradient is finite: an overflowed step leaves the
+  state as it was);
 - `scores(state, layers, alive)`: per layer, the component scores the
   allocator ranks and the layer's total, in NumPy on the host (the state
   read off the device once per mask step).
@@ -309,6 +312,11 @@ class Importance:
     def update(self, state, layers, grads):
         raise NotImplementedError
 
+    def accepts(self, grads, new_state):
+        """Whether the state `update` returned is kept: by default, when
+        every gradient of the step is finite (a scalar bool tensor)."""
+        return is_finite(*grads)
+
     def scores(self, state, layers, alive):
         raise NotImplementedError
 
@@ -377,6 +385,11 @@ class Sensitivity(Importance):
                 )
             )
         return new
+
+    def accepts(self, grads, new_state):
+        # `|theta * grad|` carries any infinite or NaN gradient into the new
+        # state: checking the state, a few buffers, checks the gradients.
+        return is_finite(*new_state)
 
     def scores(self, state, layers, alive):
         shapes = [tuple(f.shape) for layer in layers for f in layer.factors]

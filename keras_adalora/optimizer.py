@@ -521,8 +521,10 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             grads = list(grads)
             for i, pair in penalties.items():
                 for k, penalty in zip((3 * i, 3 * i + 2), pair):
+                    if share != 1.0:
+                        penalty = penalty * share
                     applied[k] = ops.add(
-                        applied[k], ops.cast(penalty * share, applied[k].dtype)
+                        applied[k], _like(penalty, applied[k])
                     )
                     grads[position[ordered[k].path]] = applied[k]
         # With gradient accumulation the scores read the inner optimizer's
@@ -566,7 +568,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             new = self.kind.update(state, views, per_layer)
             # Non-finite gradients (an overflowed step) leave the scores as
             # they were; so does a micro-batch of gradient accumulation.
-            keep = importance_lib.is_finite(*effective)
+            keep = self.kind.accepts(task, new)
             if is_update is not None:
                 keep = ops.logical_and(keep, is_update)
             return [ops.where(keep, n, o) for n, o in zip(new, state)]
@@ -730,4 +732,15 @@ def _owner(layer):
 
 
 def _float32(x):
-    return ops.cast(x, "float32")
+    return _like(x, "float32")
+
+
+def _like(x, other):
+    """`x` in the dtype of the tensor `other` (or the dtype `other`), with no
+    operation where it already is."""
+    dtype = keras.backend.standardize_dtype(
+        other if isinstance(other, str) else other.dtype
+    )
+    if keras.backend.standardize_dtype(x.dtype) == dtype:
+        return x
+    return ops.cast(x, dtype)

@@ -1,6 +1,7 @@
 """The orthogonality penalty that keeps AdaLoRA's factors close to an SVD,
 and its closed-form gradient."""
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -68,11 +69,12 @@ def penalty_gradients(a, b, weight, form="squared"):
     >>> float(np.abs(ops.convert_to_numpy(grad_a)).max())
     0.0
     """
-    a = ops.cast(ops.convert_to_tensor(a), "float32")
-    b = ops.cast(ops.convert_to_tensor(b), "float32")
+    a, b = _float32(a), _float32(b)
     squared = form == "squared"
     gram_a, gram_b = _residuals(a, b)
     grad_a, grad_b = _factor_gradients(a, b, gram_a, gram_b, squared)
+    if np.ndim(weight) and len(set(np.ravel(weight))) == 1:
+        weight = float(np.ravel(weight)[0])  # one weight: a scalar
     if np.ndim(weight):
         weight = ops.convert_to_tensor(
             np.reshape(np.asarray(weight, "float32"), (-1, 1, 1))
@@ -110,13 +112,18 @@ def grouped_penalty_gradients(factors, weights, forms):
             [weights[i] for i in members],
             form,
         )
-        for j, i in enumerate(members):
-            gradients[i] = (grad_a[j], grad_b[j])
+        for i, pair in zip(
+            members, zip(ops.unstack(grad_a), ops.unstack(grad_b))
+        ):
+            gradients[i] = pair
     return gradients
 
 
 def _float32(x):
-    return ops.cast(ops.convert_to_tensor(x), "float32")
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) == "float32":
+        return x  # an op fewer: on eager torch each one costs its dispatch
+    return ops.cast(x, "float32")
 
 
 def _residuals(a, b):
