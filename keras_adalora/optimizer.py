@@ -62,9 +62,10 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
 
     Each `apply(grads, variables)` first updates the scores of the adapter
     variables (`adalora_A`, `adalora_lam`, `adalora_B`) from this step's
-    gradients, then lets the wrapped optimizer apply the gradients. Nothing
-    else changes: learning rate, iterations and slots are the inner
-    optimizer's.
+    gradients, then lets the wrapped optimizer apply the gradients, with
+    the orthogonality penalty's gradient added for the layers it watches
+    (`watch`). Nothing else changes: learning rate, iterations and slots
+    are the inner optimizer's.
 
     `importance="sensitivity"` (SPEC.md section 3) keeps, for every adapter
     entry, the smoothed sensitivity `I_bar` and uncertainty `U_bar` of
@@ -484,36 +485,39 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
         }
 
     def _update_scores(self, grads, variables):
-        """Scores this step's gradients and returns `grads` with the
-        orthogonality penalty's gradient added where this optimizer owns
-        it (see `watch`)."""
+        """Adds the orthogonality penalty's gradient where this optimizer
+        owns it (see `watch`), scores the step, and returns the gradients
+        the inner optimizer applies."""
         position = {
             v.path: i
             for i, v in enumerate(variables)
             if v.name in _ADAPTER_NAMES
         }
         ordered = self._ordered
-        if not all(v.path in position for v in ordered):
-            # Some adapter is not among the variables this call applies (a
-            # custom loop updating part of the model): nothing consistent
-            # to score, and the layers keep their penalty in their losses.
-            return grads
         parts = [
             (key, a.value, lam.value, b.value)
             for key, a, lam, b in self._variable_parts
         ]
         # An adapter that no loss depends on gets no gradient on TensorFlow
         # and torch and a zero one on JAX: zero everywhere.
-        ordered_grads = [
+        task = [
             (
                 ops.zeros(v.shape, "float32")
-                if grads[position[v.path]] is None
+                if v.path not in position or grads[position[v.path]] is None
                 else grads[position[v.path]]
             )
             for v in ordered
         ]
-        applied = list(ordered_grads)
-        penalties = self._penalty_gradients(self._owned_penalties(), parts)
+        applied = list(task)
+        penalties = self._penalty_gradients(
+            [
+                i
+                for i in self._owned_penalties()
+                if ordered[3 * i].path in position
+                and ordered[3 * i + 2].path in position
+            ],
+            parts,
+        )
         if penalties:
             # Each replica adds its share: the optimizer sums the replicas'
             # gradients (in which the task loss is already divided).
@@ -523,17 +527,20 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
                 for k, penalty in zip((3 * i, 3 * i + 2), pair):
                     if share != 1.0:
                         penalty = penalty * share
-                    applied[k] = ops.add(
-                        applied[k], _like(penalty, applied[k])
-                    )
+                    applied[k] = ops.add(applied[k], _like(penalty, applied[k]))
                     grads[position[ordered[k].path]] = applied[k]
+        if not all(v.path in position for v in ordered):
+            # Some adapter is not among the variables this call applies (a
+            # custom loop updating part of the model): nothing consistent
+            # to score.
+            return grads
         # With gradient accumulation the scores read the inner optimizer's
         # accumulated gradients, which hold the penalty's: take it out of
         # their mean below. Otherwise they score this step's task gradients.
         accumulating = bool(self.inner_optimizer.gradient_accumulation_steps)
         state = [variable.value for variable in self._score_state]
         effective, is_update = self._effective_gradients(
-            applied if accumulating else ordered_grads, ordered
+            applied if accumulating else task, ordered
         )
         # Replicas must score the same gradients to write the same masks.
         # (Outside the branch below: tf.distribute cannot all-reduce inside
@@ -552,7 +559,7 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             # The scores measure the task loss: take out the penalty's
             # gradient where the layer's loss carried it (or it was
             # accumulated with the task's).
-            task = list(effective)
+            scored = list(effective)
             in_losses = [
                 i
                 for i, view in enumerate(views)
@@ -562,13 +569,13 @@ class AdaLoRAOptimizer(keras.optimizers.Optimizer):
             if accumulating:
                 taken_out.update(penalties)
             for i, (penalty_a, penalty_b) in taken_out.items():
-                task[3 * i] = _float32(task[3 * i]) - penalty_a
-                task[3 * i + 2] = _float32(task[3 * i + 2]) - penalty_b
-            per_layer = [task[3 * i : 3 * i + 3] for i in range(len(views))]
+                scored[3 * i] = _float32(scored[3 * i]) - penalty_a
+                scored[3 * i + 2] = _float32(scored[3 * i + 2]) - penalty_b
+            per_layer = [scored[3 * i : 3 * i + 3] for i in range(len(views))]
             new = self.kind.update(state, views, per_layer)
             # Non-finite gradients (an overflowed step) leave the scores as
             # they were; so does a micro-batch of gradient accumulation.
-            keep = self.kind.accepts(task, new)
+            keep = self.kind.accepts(scored, new)
             if is_update is not None:
                 keep = ops.logical_and(keep, is_update)
             return [ops.where(keep, n, o) for n, o in zip(new, state)]

@@ -183,3 +183,29 @@ def test_a_rebuilt_optimizer_takes_the_penalty_over():
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     model(x, training=True)
     assert len(model.losses) == 0
+
+
+@pytest.mark.parametrize("form", ["squared", "norm"])
+def test_apply_adds_the_penalty_gradient_even_to_part_of_the_model(form):
+    # A custom loop that applies one layer's gradients (zero here) with a
+    # watching optimizer: plain SGD moves A and B by exactly the penalty's
+    # gradient, and leaves lam and the other layer alone.
+    model = small_model(form)
+    first, second = adapted_layers(model)
+    for layer in (first, second):
+        layer.adalora_a.assign(1.3 * to_numpy(layer.adalora_a))
+    optimizer = AdaLoRAOptimizer(keras.optimizers.SGD(0.1))
+    optimizer.watch(model)
+    optimizer.build(model.trainable_variables)
+    variables = [first.adalora_a, first.adalora_lam, first.adalora_b]
+    before = [to_numpy(v).copy() for v in variables + [second.adalora_a]]
+    expected_a, expected_b = (
+        to_numpy(g)
+        for g in penalty_gradients(before[0], before[2], first.orth_reg_weight, form)
+    )
+    optimizer.apply([keras.ops.zeros(v.shape, "float32") for v in variables], variables)
+    np.testing.assert_allclose(to_numpy(first.adalora_a), before[0] - 0.1 * expected_a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(to_numpy(first.adalora_b), before[2] - 0.1 * expected_b, rtol=1e-5, atol=1e-7)
+    assert np.abs(expected_a).max() > 1e-3
+    np.testing.assert_array_equal(to_numpy(first.adalora_lam), before[1])
+    np.testing.assert_array_equal(to_numpy(second.adalora_a), before[3])
