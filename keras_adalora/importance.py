@@ -487,4 +487,9 @@ def _size(shape):
 
 
 def _flat(tensors):
-    return ops.concatenate([ops.reshape(_float32(t), (-1,)) for t in tensors])
+    return ops.concatenate(
+        [
+            _float32(t) if len(t.shape) == 1 else ops.reshape(_float32(t), (-1,))
+            for t in tensors
+        ]
+    )

@@ -150,12 +150,10 @@ def _factor_gradients(a, b, gram_a, gram_b, squared):
 
 
 def _inverse_norm(x):
-    """`1 / ||x||_F` over the last two axes, and 0 where `x` is exactly 0."""
+    """`1 / ||x||_F` over the last two axes, at most `1e15`: finite where
+    `x` is 0, so that `x`'s own product with it stays 0 there."""
     squared = ops.sum(ops.square(x), axis=(-2, -1), keepdims=True)
-    positive = ops.greater(squared, 0.0)
-    return ops.where(
-        positive, ops.rsqrt(ops.where(positive, squared, 1.0)), 0.0
-    )
+    return ops.rsqrt(ops.maximum(squared, 1e-30))
 
 
 def _upstream(args, upstream):
