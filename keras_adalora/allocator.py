@@ -304,8 +304,10 @@ class RankAllocator:
     mask update chooses among the components still alive, so a pruned
     component never comes back.
 
-    In a custom training loop, call `update(step)` after each optimizer step
-    (`step` counting optimizer updates from 1). It reads nothing from the
+    It has `optimizer` watch the model (`AdaLoRAOptimizer.watch`): from then
+    on the optimizer applies the orthogonality penalty, and `model.losses`
+    leaves it out. In a custom training loop, call `update(step)` after each
+    optimizer step (`step` counting optimizer updates from 1). It reads nothing from the
     device except at mask steps. On JAX, write your loop's state back into
     the model and optimizer variables before an `update` that is due
     (`allocator.due(step)`), and read the masks back after it.
