@@ -1,4 +1,5 @@
-"""Tensors and Keras variables to NumPy, without NumPy 2's warnings."""
+"""Tensors and Keras variables to NumPy, without NumPy 2's warnings, and to
+float32 tensors."""
 
 import keras
 import numpy as np
@@ -27,3 +28,14 @@ def to_numpy(x):
     if keras.backend.backend() == "tensorflow" and hasattr(x, "numpy"):
         return np.asarray(x.numpy())
     return np.asarray(ops.convert_to_numpy(x))
+
+
+def float32(x):
+    """`x` (a tensor, a `keras.Variable` or an array) as a float32 tensor,
+    with no operation where it already is one (on eager torch each
+    operation costs its dispatch)."""
+    # convert_to_tensor first: JAX's ops refuse raw Keras Variables.
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) == "float32":
+        return x
+    return ops.cast(x, "float32")

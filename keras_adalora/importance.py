@@ -29,19 +29,13 @@ is tiny and smoothed over many steps, which bfloat16 would round away.
 
 import numbers
 
-import keras
 import numpy as np
 from keras import ops
 
 from keras_adalora import _distribution
+from keras_adalora._arrays import float32 as _float32
 
 
-def _float32(x):
-    # convert_to_tensor first: JAX's ops refuse raw Keras Variables.
-    x = ops.convert_to_tensor(x)
-    if keras.backend.standardize_dtype(x.dtype) == "float32":
-        return x  # an op fewer per tensor: dispatch is the cost here
-    return ops.cast(x, "float32")
 
 
 def validate_betas(beta1, beta2):

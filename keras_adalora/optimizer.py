@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_adalora._arrays import float32 as _float32
 from keras_adalora._arrays import to_numpy
 from keras_adalora import _distribution
 from keras_adalora import _keras
@@ -738,8 +739,6 @@ def _owner(layer):
     return None if owner is None else owner()
 
 
-def _float32(x):
-    return _like(x, "float32")
 
 
 def _like(x, other):

@@ -1,9 +1,10 @@
 """The orthogonality penalty that keeps AdaLoRA's factors close to an SVD,
 and its closed-form gradient."""
 
-import keras
 import numpy as np
 from keras import ops
+
+from keras_adalora._arrays import float32 as _float32
 
 
 def orthogonality_penalty(a, b, squared=True):
@@ -119,11 +120,6 @@ def grouped_penalty_gradients(factors, weights, forms):
     return gradients
 
 
-def _float32(x):
-    x = ops.convert_to_tensor(x)
-    if keras.backend.standardize_dtype(x.dtype) == "float32":
-        return x  # an op fewer: on eager torch each one costs its dispatch
-    return ops.cast(x, "float32")
 
 
 def _residuals(a, b):
